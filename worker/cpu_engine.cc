@@ -1,0 +1,292 @@
+#include "worker/cpu_engine.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/kv_cache_cpu.h"
+#include "runtime/kv_format_util.h"
+#include "runtime/status_macros.h"
+
+namespace strata {
+namespace {
+
+std::vector<float> ConcatRows(std::initializer_list<const std::vector<float>*> parts) {
+  size_t n = 0;
+  for (const auto* p : parts) n += p->size();
+  std::vector<float> out;
+  out.reserve(n);
+  for (const auto* p : parts) out.insert(out.end(), p->begin(), p->end());
+  return out;
+}
+
+uint8_t* AllocPool(int64_t bytes) {
+  void* p = std::aligned_alloc(64, static_cast<size_t>(AlignUp(std::max<int64_t>(bytes, 64), 64)));
+  return static_cast<uint8_t*>(p);
+}
+
+}  // namespace
+
+void CpuEngine::AlignedFree::operator()(uint8_t* p) const { std::free(p); }
+
+absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
+    ModelWeights weights, const EngineOptions& options, std::optional<KvQuantParams> quant_params) {
+  const ModelConfig& c = weights.config;
+  if (!KvFormatSupported(options.kv_format)) {
+    return absl::UnimplementedError(
+        absl::StrCat("KV cache format ", KvFormatName(options.kv_format), " is not supported"));
+  }
+  const int32_t bs = options.block_size;
+  if (bs <= 0 || (bs & (bs - 1)) != 0 || bs > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--block-size must be a power of two in [1, 1024], got ", bs));
+  }
+  if (options.num_gpu_blocks <= 0) {
+    return absl::InvalidArgumentError("the KV cache needs at least one block");
+  }
+  if (options.kv_format.dtype == KvDtype::kInt4 && c.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError("int4 KV cache needs an even head_dim");
+  }
+  auto e = std::unique_ptr<CpuEngine>(new CpuEngine());
+  e->options_ = options;
+  e->layout_ = MakeKvBlockLayout(options.kv_format, bs, c.num_kv_heads, c.head_dim);
+  const int64_t pool_bytes = int64_t{e->layout_.block_bytes} * options.num_gpu_blocks;
+  if (int64_t{e->layout_.block_bytes} * bs > (int64_t{1} << 31)) {
+    return absl::InvalidArgumentError("KV block too large for 32-bit offsets");
+  }
+  if (options.kv_format.scale_mode == KvScaleMode::kStatic) {
+    if (!quant_params) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KV cache format ", KvFormatName(options.kv_format),
+          " needs static scales: pass --kv-quant-params-path"));
+    }
+    RETURN_IF_ERROR(CheckKvQuantParams(*quant_params, options.kv_format, c.num_layers,
+                                       c.num_kv_heads, "--kv-quant-params-path"));
+    e->quant_params_ = std::move(quant_params);
+  }
+
+  e->wqkv_.resize(c.num_layers);
+  e->wgateup_.resize(c.num_layers);
+  for (int l = 0; l < c.num_layers; ++l) {
+    LayerWeights& lw = weights.layers[l];
+    e->wqkv_[l] = ConcatRows({&lw.wq, &lw.wk, &lw.wv});
+    e->wgateup_[l] = ConcatRows({&lw.w_gate, &lw.w_up});
+    lw.wq.clear(), lw.wk.clear(), lw.wv.clear(), lw.w_gate.clear(), lw.w_up.clear();
+    lw.wq.shrink_to_fit(), lw.wk.shrink_to_fit(), lw.wv.shrink_to_fit();
+    lw.w_gate.shrink_to_fit(), lw.w_up.shrink_to_fit();
+  }
+  const int32_t max_pos = c.max_position_embeddings;
+  e->rope_cos_.resize(static_cast<size_t>(max_pos) * c.head_dim / 2);
+  e->rope_sin_.resize(e->rope_cos_.size());
+  cpu::FillRopeTable(c.rope_theta, c.head_dim, max_pos, e->rope_cos_.data(), e->rope_sin_.data());
+  e->rope_ = {max_pos, c.head_dim / 2, e->rope_cos_.data(), e->rope_sin_.data()};
+
+  e->views_.resize(c.num_layers);
+  e->static_scales_.resize(c.num_layers);
+  for (int l = 0; l < c.num_layers; ++l) {
+    e->gpu_pool_.emplace_back(AllocPool(pool_bytes));
+    if (!e->gpu_pool_.back()) return absl::ResourceExhaustedError("cannot allocate the KV cache");
+    std::memset(e->gpu_pool_.back().get(), 0, pool_bytes);
+    if (options.num_cpu_blocks > 0) {
+      e->cpu_pool_.emplace_back(AllocPool(int64_t{e->layout_.block_bytes} * options.num_cpu_blocks));
+      if (!e->cpu_pool_.back()) return absl::ResourceExhaustedError("cannot allocate swap space");
+    }
+    KvCacheView& v = e->views_[l];
+    v.layout = e->layout_;
+    v.pool = e->gpu_pool_.back().get();
+    v.num_blocks = options.num_gpu_blocks;
+    if (e->quant_params_) {
+      auto& s = e->static_scales_[l];
+      const KvQuantParams& p = *e->quant_params_;
+      const int32_t H = c.num_kv_heads;
+      s.resize(4 * H);
+      std::copy(p.k_scale[l].begin(), p.k_scale[l].end(), s.begin());
+      std::copy(p.k_zero[l].begin(), p.k_zero[l].end(), s.begin() + H);
+      std::copy(p.v_scale[l].begin(), p.v_scale[l].end(), s.begin() + 2 * H);
+      std::copy(p.v_zero[l].begin(), p.v_zero[l].end(), s.begin() + 3 * H);
+      v.k_scale = s.data();
+      v.k_zero = s.data() + H;
+      v.v_scale = s.data() + 2 * H;
+      v.v_zero = s.data() + 3 * H;
+    }
+  }
+  e->weights_ = std::move(weights);
+  return e;
+}
+
+int64_t CpuEngine::kv_bytes_per_block() const {
+  return int64_t{layout_.block_bytes} * weights_.config.num_layers;
+}
+
+absl::Status CpuEngine::Validate(const StepInput& input) const {
+  const ModelConfig& c = weights_.config;
+  const int32_t bs = options_.block_size;
+  if (input.seqs.empty()) return absl::InvalidArgumentError("step has no sequences");
+  for (size_t i = 0; i < input.seqs.size(); ++i) {
+    const SeqStepInput& s = input.seqs[i];
+    if (s.tokens.empty()) return absl::InvalidArgumentError(absl::StrCat("sequence ", i, " has no new tokens"));
+    const int64_t end = int64_t{s.start_pos} + s.tokens.size();
+    if (s.start_pos < 0 || end > c.max_position_embeddings) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, " reaches position ", end,
+                                                     " beyond the model context ",
+                                                     c.max_position_embeddings));
+    }
+    if (static_cast<int64_t>(s.block_table.size()) * bs < end) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": block table covers ",
+                                                     s.block_table.size() * bs,
+                                                     " positions, needs ", end));
+    }
+    for (int32_t b : s.block_table) {
+      if (b < 0 || b >= options_.num_gpu_blocks) {
+        return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": block id ", b, " out of range"));
+      }
+    }
+    for (int32_t t : s.tokens) {
+      if (t < 0 || t >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": token id ", t, " out of range"));
+      }
+    }
+  }
+  auto check_moves = [&](const std::vector<BlockCopy>& moves, int32_t src_n, int32_t dst_n,
+                         const char* what) -> absl::Status {
+    for (const BlockCopy& m : moves) {
+      if (m.src < 0 || m.src >= src_n || m.dst < 0 || m.dst >= dst_n) {
+        return absl::InvalidArgumentError(absl::StrCat(what, " ", m.src, "->", m.dst, " out of range"));
+      }
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(check_moves(input.swap_out, options_.num_gpu_blocks, options_.num_cpu_blocks, "swap-out"));
+  RETURN_IF_ERROR(check_moves(input.swap_in, options_.num_cpu_blocks, options_.num_gpu_blocks, "swap-in"));
+  RETURN_IF_ERROR(check_moves(input.copies, options_.num_gpu_blocks, options_.num_gpu_blocks, "copy"));
+  return absl::OkStatus();
+}
+
+void CpuEngine::ApplyBlockMoves(const StepInput& input) {
+  const int64_t bb = layout_.block_bytes;
+  for (size_t l = 0; l < views_.size(); ++l) {
+    uint8_t* dev = gpu_pool_[l].get();
+    for (const BlockCopy& m : input.swap_out) {
+      std::memcpy(cpu_pool_[l].get() + m.dst * bb, dev + m.src * bb, bb);
+    }
+    for (const BlockCopy& m : input.swap_in) {
+      std::memcpy(dev + m.dst * bb, cpu_pool_[l].get() + m.src * bb, bb);
+    }
+  }
+  if (!input.copies.empty()) {
+    std::vector<int32_t> src, dst;
+    for (const BlockCopy& m : input.copies) src.push_back(m.src), dst.push_back(m.dst);
+    for (const KvCacheView& v : views_) {
+      cpu::CopyBlocks(v, src.data(), dst.data(), static_cast<int32_t>(src.size()));
+    }
+  }
+}
+
+void CpuEngine::EnsureScratch(int64_t tokens) {
+  if (tokens <= scratch_tokens_) return;
+  const ModelConfig& c = weights_.config;
+  const int64_t d = c.hidden_size, q = c.q_size(), kv = c.kv_size(), f = c.intermediate_size;
+  x_.resize(tokens * d);
+  h_.resize(tokens * d);
+  qkv_.resize(tokens * (q + 2 * kv));
+  q_.resize(tokens * q);
+  k_.resize(tokens * kv);
+  v_.resize(tokens * kv);
+  attn_.resize(tokens * q);
+  gu_.resize(tokens * 2 * f);
+  act_.resize(tokens * f);
+  scratch_tokens_ = tokens;
+}
+
+absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
+  RETURN_IF_ERROR(Validate(input));
+  ApplyBlockMoves(input);
+  const ModelConfig& c = weights_.config;
+  const int64_t d = c.hidden_size, q = c.q_size(), kv = c.kv_size(), f = c.intermediate_size;
+  const int32_t bs = options_.block_size;
+  const int32_t n = static_cast<int32_t>(input.seqs.size());
+
+  // Plan once per step: flattened tokens, positions, slots, batch view.
+  std::vector<int32_t> tokens, positions, query_start(n + 1, 0), context_lens(n);
+  std::vector<int64_t> slots;
+  int32_t max_blocks = 0;
+  for (const auto& s : input.seqs) max_blocks = std::max<int32_t>(max_blocks, s.block_table.size());
+  std::vector<int32_t> tables(static_cast<size_t>(n) * max_blocks, 0);
+  for (int32_t i = 0; i < n; ++i) {
+    const SeqStepInput& s = input.seqs[i];
+    for (size_t t = 0; t < s.tokens.size(); ++t) {
+      const int32_t pos = s.start_pos + static_cast<int32_t>(t);
+      tokens.push_back(s.tokens[t]);
+      positions.push_back(pos);
+      slots.push_back(int64_t{s.block_table[pos / bs]} * bs + pos % bs);
+    }
+    query_start[i + 1] = static_cast<int32_t>(tokens.size());
+    context_lens[i] = s.start_pos + static_cast<int32_t>(s.tokens.size());
+    std::copy(s.block_table.begin(), s.block_table.end(), tables.begin() + int64_t{i} * max_blocks);
+  }
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  PagedBatchView batch;
+  batch.num_seqs = n;
+  batch.num_tokens = static_cast<int32_t>(T);
+  batch.max_blocks_per_seq = max_blocks;
+  batch.block_tables = tables.data();
+  batch.context_lens = context_lens.data();
+  batch.query_start = query_start.data();
+  batch.slot_mapping = slots.data();
+
+  EnsureScratch(T);
+  float* x = x_.data();
+  float* h = h_.data();
+  cpu::Embed(weights_.embed.data(), tokens.data(), T, d, x);
+  const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  const int64_t qkv_w = q + 2 * kv;
+  for (int l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& lw = weights_.layers[l];
+    cpu::RmsNorm(x, lw.attn_norm.data(), h, T, d, c.rms_norm_eps);
+    cpu::Linear(h, wqkv_[l].data(), qkv_.data(), T, qkv_w, d);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = qkv_.data() + t * qkv_w;
+      std::memcpy(q_.data() + t * q, row, sizeof(float) * q);
+      std::memcpy(k_.data() + t * kv, row + q, sizeof(float) * kv);
+      std::memcpy(v_.data() + t * kv, row + q + kv, sizeof(float) * kv);
+    }
+    cpu::ApplyRope(q_.data(), positions.data(), T, c.num_heads, c.head_dim, rope_);
+    cpu::ApplyRope(k_.data(), positions.data(), T, c.num_kv_heads, c.head_dim, rope_);
+    cpu::WriteKvCache(views_[l], k_.data(), v_.data(), slots.data(), static_cast<int32_t>(T));
+    cpu::PagedAttention(views_[l], batch, q_.data(), c.num_heads, softmax_scale, attn_.data());
+    cpu::Linear(attn_.data(), lw.wo.data(), x, T, d, q, /*accumulate=*/true);
+
+    cpu::RmsNorm(x, lw.mlp_norm.data(), h, T, d, c.rms_norm_eps);
+    cpu::Linear(h, wgateup_[l].data(), gu_.data(), T, 2 * f, d);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = gu_.data() + t * 2 * f;
+      cpu::SiluMul(row, row + f, act_.data() + t * f, f);
+    }
+    cpu::Linear(act_.data(), lw.w_down.data(), x, T, d, f, /*accumulate=*/true);
+  }
+
+  // Logits for the requested rows only.
+  std::vector<int64_t> rows;
+  output->row_begin.assign(n + 1, 0);
+  for (int32_t i = 0; i < n; ++i) {
+    const SeqStepInput& s = input.seqs[i];
+    if (s.logits == SeqStepInput::Logits::kAll) {
+      for (int32_t t = query_start[i]; t < query_start[i + 1]; ++t) rows.push_back(t);
+    } else if (s.logits == SeqStepInput::Logits::kLast) {
+      rows.push_back(query_start[i + 1] - 1);
+    }
+    output->row_begin[i + 1] = static_cast<int32_t>(rows.size());
+  }
+  const int64_t R = static_cast<int64_t>(rows.size());
+  output->logits.resize(R * c.vocab_size);
+  if (R > 0) {
+    for (int64_t r = 0; r < R; ++r) {
+      cpu::RmsNorm(x + rows[r] * d, weights_.final_norm.data(), h + r * d, 1, d, c.rms_norm_eps);
+    }
+    cpu::Linear(h, weights_.output_matrix().data(), output->logits.data(), R, c.vocab_size, d);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace strata
