@@ -1,0 +1,329 @@
+// CPU kernels over the paged, quantized KV cache (see kv_cache_cpu.h).
+//
+// Quantization is the scalar math of kernels/quant_math.h, so a cache written
+// here is bit-identical to one written by the CUDA kernels. Attention is plain
+// fp32 with a two-pass (max, then exp/sum) softmax per query row; for an fp32
+// cache nothing is lost to conversions.
+#include "kernels/cpu/kv_cache_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels/quant_math.h"
+#include "runtime/check.h"
+
+namespace strata::cpu {
+namespace {
+
+using qmath::KvCodec;
+
+// Calls fn(KvCodec<D, M>{}) for the cache's format.
+template <class Fn>
+void VisitFormat(KvFormat f, Fn&& fn) {
+#define STRATA_VISIT_(D, M)        \
+  if (f == KvFormat{D, M}) {       \
+    fn(KvCodec<D, M>{});           \
+    return;                        \
+  }
+  STRATA_FOR_EACH_KV_FORMAT(STRATA_VISIT_)
+#undef STRATA_VISIT_
+  STRATA_CHECK(false) << "unsupported KV format " << static_cast<int>(f.dtype) << "/"
+                      << static_cast<int>(f.scale_mode);
+}
+
+// Addresses of one (token, kv head) row of K or V inside a block.
+struct RowRef {
+  uint8_t* data = nullptr;
+  uint16_t* scale = nullptr;  // dynamic mode only
+  uint8_t* zero = nullptr;    // dynamic integer formats only
+};
+
+RowRef Row(const KvCacheView& c, int64_t block, int off, int h, bool is_v) {
+  const KvBlockLayout& l = c.layout;
+  uint8_t* b = c.block(static_cast<int32_t>(block));
+  RowRef r;
+  r.data = b + (is_v ? l.v_data : l.k_data) + l.data_row(h, off);
+  if (l.has_token_scale()) {
+    r.scale = reinterpret_cast<uint16_t*>(b + (is_v ? l.v_scale : l.k_scale)) + l.scale_index(h, off);
+  }
+  if (l.has_token_zero()) r.zero = b + (is_v ? l.v_zero : l.k_zero) + l.scale_index(h, off);
+  return r;
+}
+
+// Scale and zero point used to decode a stored row.
+template <class C>
+void RowScale(const KvCacheView& c, const RowRef& r, int h, bool is_v, float* s, float* z) {
+  *s = 1.0f;
+  *z = 0.0f;
+  if constexpr (C::kMode == KvScaleMode::kStatic) {
+    *s = (is_v ? c.v_scale : c.k_scale)[h];
+    if constexpr (C::kHasZero) *z = (is_v ? c.v_zero : c.k_zero)[h];
+  } else if constexpr (C::kMode == KvScaleMode::kDynamic) {
+    uint16_t bits;
+    std::memcpy(&bits, r.scale, sizeof(bits));
+    *s = qmath::HalfBitsToFloat(bits);
+    if constexpr (C::kHasZero) *z = qmath::ZeroFromBits(C::kDtype, *r.zero);
+  }
+}
+
+template <class C>
+void EncodeRow(const float* x, int hd, float s, float z, uint8_t* data) {
+  if constexpr (C::kBits == 4) {
+    for (int i = 0; i < hd; i += 2) {
+      data[i / 2] = static_cast<uint8_t>(C::Encode(x[i], s, z) | (C::Encode(x[i + 1], s, z) << 4));
+    }
+  } else if constexpr (C::kBits == 8) {
+    for (int i = 0; i < hd; ++i) data[i] = static_cast<uint8_t>(C::Encode(x[i], s, z));
+  } else if constexpr (C::kBits == 16) {
+    for (int i = 0; i < hd; ++i) {
+      const uint16_t v = static_cast<uint16_t>(C::Encode(x[i], s, z));
+      std::memcpy(data + 2 * i, &v, 2);
+    }
+  } else {
+    std::memcpy(data, x, sizeof(float) * hd);
+  }
+}
+
+template <class C>
+void DecodeRow(const uint8_t* data, int hd, float s, float z, float* out) {
+  if constexpr (C::kBits == 4) {
+    for (int i = 0; i < hd; i += 2) {
+      out[i] = C::Decode(data[i / 2] & 0xFu, s, z);
+      out[i + 1] = C::Decode(data[i / 2] >> 4, s, z);
+    }
+  } else if constexpr (C::kBits == 8) {
+    for (int i = 0; i < hd; ++i) out[i] = C::Decode(data[i], s, z);
+  } else if constexpr (C::kBits == 16) {
+    for (int i = 0; i < hd; ++i) {
+      uint16_t v;
+      std::memcpy(&v, data + 2 * i, 2);
+      out[i] = C::Decode(v, s, z);
+    }
+  } else {
+    std::memcpy(out, data, sizeof(float) * hd);
+  }
+}
+
+template <class C>
+void QuantizeRow(const KvCacheView& c, int64_t block, int off, int h, bool is_v, const float* x) {
+  const int hd = c.layout.head_dim;
+  const RowRef r = Row(c, block, off, h, is_v);
+  float s = 1.0f, z = 0.0f;
+  if constexpr (C::kMode == KvScaleMode::kStatic) {
+    RowScale<C>(c, r, h, is_v, &s, &z);
+  } else if constexpr (C::kMode == KvScaleMode::kDynamic) {
+    float mn = x[0], mx = x[0];
+    for (int i = 1; i < hd; ++i) {
+      mn = std::fmin(mn, x[i]);
+      mx = std::fmax(mx, x[i]);
+    }
+    const qmath::RowParams p = qmath::DynamicRowParams(C::kDtype, mn, mx);
+    s = p.scale;
+    z = p.zero;
+    std::memcpy(r.scale, &p.scale_bits, sizeof(p.scale_bits));
+    if constexpr (C::kHasZero) *r.zero = p.zero_bits;
+  }
+  EncodeRow<C>(x, hd, s, z, r.data);
+}
+
+// Dequantized row; for fp32 a pointer into the pool (no copy).
+template <class C>
+const float* ReadRow(const KvCacheView& c, int64_t block, int off, int h, bool is_v, float* buf) {
+  const RowRef r = Row(c, block, off, h, is_v);
+  if constexpr (C::kDtype == KvDtype::kFp32) {
+    return reinterpret_cast<const float*>(r.data);
+  } else {
+    float s, z;
+    RowScale<C>(c, r, h, is_v, &s, &z);
+    DecodeRow<C>(r.data, c.layout.head_dim, s, z, buf);
+    return buf;
+  }
+}
+
+// fp32 dot product with 8 independent partial sums (vectorizes without
+// reassociation flags).
+inline float Dot(const float* a, const float* b, int n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+  }
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+inline void Axpy(float a, const float* x, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// Query tokens of one sequence processed together (they share K/V decoding).
+constexpr int kQueryTile = 16;
+
+struct WorkItem {
+  int32_t seq;
+  int32_t first;  // index of the tile's first token among the sequence's new tokens
+  int32_t kv_head;
+};
+
+struct Scratch {
+  std::vector<float> scores;  // [rows][positions]
+  std::vector<float> acc;     // [rows][head_dim]
+  std::vector<float> sums;    // [rows]
+  std::vector<float> row;     // [head_dim]
+};
+
+template <class C>
+void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const WorkItem& it,
+                const float* query, int num_heads, int group, float softmax_scale, float* out,
+                Scratch& sc) {
+  const KvBlockLayout& l = cache.layout;
+  const int hd = l.head_dim;
+  const int bs = l.block_size;
+  const int32_t q0 = batch.query_start[it.seq];
+  const int32_t n = batch.query_start[it.seq + 1] - q0;
+  const int32_t ctx = batch.context_lens[it.seq];
+  STRATA_CHECK(ctx >= n) << "context_len " << ctx << " < new tokens " << n;
+  const int nt = std::min(kQueryTile, n - it.first);
+  const int32_t pos0 = ctx - n + it.first;  // position of the tile's first token
+  const int32_t npos = pos0 + nt;           // positions [0, npos) are read
+  const int rows = nt * group;              // row r = i * group + g
+  const int32_t* table = batch.block_tables + int64_t{it.seq} * batch.max_blocks_per_seq;
+  STRATA_CHECK_LE((npos + bs - 1) / bs, batch.max_blocks_per_seq);
+
+  auto qrow = [&](int r) {
+    const int i = r / group, g = r % group;
+    return query + (int64_t{q0 + it.first + i} * num_heads + it.kv_head * group + g) * hd;
+  };
+  sc.scores.resize(static_cast<size_t>(rows) * npos);
+  sc.acc.assign(static_cast<size_t>(rows) * hd, 0.0f);
+  sc.sums.resize(rows);
+  sc.row.resize(hd);
+
+  // Pass 1: scores. Token i sees positions [0, pos0 + i].
+  for (int32_t j = 0; j < npos; ++j) {
+    const int32_t block = table[j / bs];
+    STRATA_DCHECK(block >= 0 && block < cache.num_blocks);
+    const float* k = ReadRow<C>(cache, block, j % bs, it.kv_head, false, sc.row.data());
+    for (int r = std::max(0, j - pos0) * group; r < rows; ++r) {
+      sc.scores[static_cast<size_t>(r) * npos + j] = Dot(qrow(r), k, hd) * softmax_scale;
+    }
+  }
+  // Softmax per row (fp32, max-subtracted).
+  for (int r = 0; r < rows; ++r) {
+    float* s = &sc.scores[static_cast<size_t>(r) * npos];
+    const int32_t len = pos0 + r / group + 1;
+    float m = s[0];
+    for (int32_t j = 1; j < len; ++j) m = std::max(m, s[j]);
+    float sum = 0.0f;
+    for (int32_t j = 0; j < len; ++j) {
+      s[j] = std::exp(s[j] - m);
+      sum += s[j];
+    }
+    sc.sums[r] = sum;
+  }
+  // Pass 2: weighted sum of V.
+  for (int32_t j = 0; j < npos; ++j) {
+    const int32_t block = table[j / bs];
+    const float* v = ReadRow<C>(cache, block, j % bs, it.kv_head, true, sc.row.data());
+    for (int r = std::max(0, j - pos0) * group; r < rows; ++r) {
+      Axpy(sc.scores[static_cast<size_t>(r) * npos + j], v, &sc.acc[static_cast<size_t>(r) * hd], hd);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const int i = r / group, g = r % group;
+    float* o = out + (int64_t{q0 + it.first + i} * num_heads + it.kv_head * group + g) * hd;
+    const float* a = &sc.acc[static_cast<size_t>(r) * hd];
+    for (int d = 0; d < hd; ++d) o[d] = a[d] / sc.sums[r];
+  }
+}
+
+}  // namespace
+
+void WriteKvCache(const KvCacheView& cache, const float* key, const float* value,
+                  const int64_t* slot_mapping, int32_t num_tokens) {
+  const KvBlockLayout& l = cache.layout;
+  const int64_t num_slots = int64_t{cache.num_blocks} * l.block_size;
+  const int64_t row_stride = int64_t{l.num_kv_heads} * l.head_dim;
+  VisitFormat(l.format, [&](auto codec) {
+    using C = decltype(codec);
+#pragma omp parallel for schedule(static)
+    for (int32_t t = 0; t < num_tokens; ++t) {
+      const int64_t slot = slot_mapping[t];
+      if (slot < 0) continue;  // padding
+      STRATA_CHECK_LT(slot, num_slots);
+      const int64_t block = slot / l.block_size;
+      const int off = static_cast<int>(slot % l.block_size);
+      for (int h = 0; h < l.num_kv_heads; ++h) {
+        QuantizeRow<C>(cache, block, off, h, false, key + t * row_stride + int64_t{h} * l.head_dim);
+        QuantizeRow<C>(cache, block, off, h, true, value + t * row_stride + int64_t{h} * l.head_dim);
+      }
+    }
+  });
+}
+
+void PagedAttention(const KvCacheView& cache, const PagedBatchView& batch, const float* query,
+                    int32_t num_heads, float softmax_scale, float* out) {
+  const KvBlockLayout& l = cache.layout;
+  STRATA_CHECK(num_heads > 0 && num_heads % l.num_kv_heads == 0)
+      << "num_heads " << num_heads << " vs num_kv_heads " << l.num_kv_heads;
+  const int group = num_heads / l.num_kv_heads;
+  const int64_t token_stride = int64_t{num_heads} * l.head_dim;
+
+  std::vector<WorkItem> items;
+  for (int32_t s = 0; s < batch.num_seqs; ++s) {
+    const int32_t n = batch.query_start[s + 1] - batch.query_start[s];
+    for (int32_t first = 0; first < n; first += kQueryTile) {
+      for (int32_t h = 0; h < l.num_kv_heads; ++h) items.push_back({s, first, h});
+    }
+  }
+  // Padding tokens after the last sequence get zeros.
+  const int32_t used = batch.num_seqs > 0 ? batch.query_start[batch.num_seqs] : 0;
+  STRATA_CHECK_LE(used, batch.num_tokens);
+  std::fill(out + used * token_stride, out + batch.num_tokens * token_stride, 0.0f);
+
+  VisitFormat(l.format, [&](auto codec) {
+    using C = decltype(codec);
+    const int64_t num_items = static_cast<int64_t>(items.size());
+#pragma omp parallel
+    {
+      Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < num_items; ++i) {
+        AttendTile<C>(cache, batch, items[i], query, num_heads, group, softmax_scale, out, scratch);
+      }
+    }
+  });
+}
+
+void CopyBlocks(const KvCacheView& cache, const int32_t* src, const int32_t* dst, int32_t n) {
+  const size_t bytes = cache.layout.block_bytes;
+#pragma omp parallel for schedule(static)
+  for (int32_t i = 0; i < n; ++i) {
+    STRATA_CHECK(src[i] >= 0 && src[i] < cache.num_blocks && dst[i] >= 0 &&
+                 dst[i] < cache.num_blocks)
+        << "block copy " << src[i] << " -> " << dst[i] << " out of range";
+    if (src[i] != dst[i]) std::memcpy(cache.block(dst[i]), cache.block(src[i]), bytes);
+  }
+}
+
+void ReadKvToken(const KvCacheView& cache, int64_t slot, float* k_out, float* v_out) {
+  const KvBlockLayout& l = cache.layout;
+  STRATA_CHECK(slot >= 0 && slot < int64_t{cache.num_blocks} * l.block_size) << "slot " << slot;
+  const int64_t block = slot / l.block_size;
+  const int off = static_cast<int>(slot % l.block_size);
+  VisitFormat(l.format, [&](auto codec) {
+    using C = decltype(codec);
+    for (int h = 0; h < l.num_kv_heads; ++h) {
+      float* k = k_out + int64_t{h} * l.head_dim;
+      float* v = v_out + int64_t{h} * l.head_dim;
+      const float* kr = ReadRow<C>(cache, block, off, h, false, k);
+      if (kr != k) std::memcpy(k, kr, sizeof(float) * l.head_dim);
+      const float* vr = ReadRow<C>(cache, block, off, h, true, v);
+      if (vr != v) std::memcpy(v, vr, sizeof(float) * l.head_dim);
+    }
+  });
+}
+
+}  // namespace strata::cpu
