@@ -112,6 +112,10 @@ BlockRef BlockPool::Acquire(BlockId b) {
 
 void BlockPool::Release(BlockId b) {
   const int32_t i = Index(b);
+  if (fault_fired_ && (state_[i] != BlockState::kActive || refcount_[i] <= 0)) {
+    ++invalid_releases_;
+    return;
+  }
   STRATA_CHECK(state_[i] == BlockState::kActive && refcount_[i] > 0)
       << "release of " << DeviceName(device_) << " block " << b << " in state "
       << BlockStateName(state_[i]) << " refcount " << refcount_[i] << " (double free)";
@@ -120,9 +124,11 @@ void BlockPool::Release(BlockId b) {
     if (fault_.kind == BlockFault::Kind::kSkipDecref) {
       dec = 0;
       fault_.kind = BlockFault::Kind::kNone;
+      fault_fired_ = true;
     } else if (refcount_[i] >= 2) {  // kExtraDecref, only where it cannot go negative
       dec = 2;
       fault_.kind = BlockFault::Kind::kNone;
+      fault_fired_ = true;
     }
   }
   ++num_releases_;
@@ -218,6 +224,10 @@ absl::Status BlockPool::CheckInvariants(std::span<const int32_t> expected_refs) 
   const char* dev = DeviceName(device_);
   if (expected_refs.size() != static_cast<size_t>(n)) {
     return absl::InternalError("expected_refs has the wrong size");
+  }
+  if (invalid_releases_ > 0) {
+    return absl::InternalError(absl::StrCat(dev, " pool saw ", invalid_releases_,
+                                            " release(s) of a block that was not active (double free)"));
   }
   std::vector<uint8_t> on_free(n, 0), on_lru(n, 0), on_pinned(n, 0);
   for (const int32_t i : free_list_) {

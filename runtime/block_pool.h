@@ -46,7 +46,9 @@ enum class BlockState : uint8_t { kFree = 0, kActive = 1, kCached = 2, kPinned =
 const char* BlockStateName(BlockState s);
 
 // Test-only fault injection: deliberate accounting bugs that the invariant
-// checks must catch. Never set outside tests.
+// checks must catch. Never set outside tests. Once a fault has fired, a later
+// release of a block that is not active (the knock-on double free) is counted
+// and reported by CheckInvariants instead of CHECK-failing.
 struct BlockFault {
   enum class Kind : uint8_t {
     kNone = 0,
@@ -146,7 +148,12 @@ class BlockPool {
   Device device_;
   int32_t block_size_;
   BlockFault fault_;
+  bool fault_fired_ = false;
   int64_t num_releases_ = 0;
+  // Only after an injected fault: releases of non-active blocks are counted
+  // here (and reported by CheckInvariants) instead of CHECK-failing, so that a
+  // test can watch the checks catch the damage.
+  int64_t invalid_releases_ = 0;
   uint32_t step_epoch_ = 1;
 
   std::vector<int32_t> refcount_;
