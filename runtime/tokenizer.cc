@@ -14,11 +14,7 @@
 // proto/CMakeLists.txt's protobuf_generate (CMake 3.25, run from proto/ with
 // -I proto first) currently writes the header to the top of the build tree;
 // accept both that and the intended "proto/..." location.
-#if __has_include("proto/sentencepiece_model.pb.h")
 #include "proto/sentencepiece_model.pb.h"
-#else
-#include "sentencepiece_model.pb.h"
-#endif
 #include "runtime/status_macros.h"
 
 namespace strata {
