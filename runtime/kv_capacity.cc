@@ -49,6 +49,12 @@ absl::StatusOr<int64_t> PlanKvPool(int64_t bytes_budget, const KvCacheShape& sha
   return bytes_budget / KvBytesPerBlock(shape);
 }
 
+absl::StatusOr<int64_t> PlanKvPool(int64_t bytes_budget, KvFormat format, int32_t block_size,
+                                   int32_t num_kv_heads, int32_t head_dim, int32_t num_layers) {
+  return PlanKvPool(bytes_budget,
+                    KvCacheShape{format, block_size, num_kv_heads, head_dim, num_layers});
+}
+
 absl::StatusOr<KvPoolPlan> PlanKvPools(const KvMemoryBudget& budget, const KvCacheShape& shape) {
   KvPoolPlan plan;
   ASSIGN_OR_RETURN(const int64_t gpu, PlanKvPool(budget.gpu_bytes, shape));

@@ -37,6 +37,9 @@ int64_t KvBytesPerBlock(const KvCacheShape& shape);
 // Number of whole blocks that fit `bytes_budget` (>= 0). Errors as
 // ValidateKvCacheShape, plus INVALID_ARGUMENT for a negative budget.
 absl::StatusOr<int64_t> PlanKvPool(int64_t bytes_budget, const KvCacheShape& shape);
+// Same, spelled out.
+absl::StatusOr<int64_t> PlanKvPool(int64_t bytes_budget, KvFormat format, int32_t block_size,
+                                   int32_t num_kv_heads, int32_t head_dim, int32_t num_layers);
 
 // Budgets the worker measured, in bytes.
 struct KvMemoryBudget {

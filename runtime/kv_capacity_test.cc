@@ -15,6 +15,7 @@ TEST(KvCapacityTest, BlockSpansAllLayers) {
   EXPECT_EQ(KvBytesPerBlock(s), 32 * 256 * 1024);
   EXPECT_EQ(PlanKvPool(int64_t{32} * 256 * 1024 * 10 + 5, s).value(), 10);
   EXPECT_EQ(PlanKvPool(0, s).value(), 0);
+  EXPECT_EQ(PlanKvPool(int64_t{32} * 256 * 1024 * 10, s.format, 16, 32, 128, 32).value(), 10);
 }
 
 TEST(KvCapacityTest, QuantizedFormatsGetProportionallyMoreBlocks) {

@@ -202,6 +202,8 @@ SoakOutcome RunSoak(const SoakConfig& c) {
     }
 
     StepPlan plan = sched.Schedule();
+    if (!plan.swap_out.empty() && !plan.swap_in.empty()) return fail(step, "swap-in while preempting");
+    if (!plan.empty() && plan.seqs.empty()) return fail(step, "block moves without a sequence");
     if (c.corrupt_plan) c.corrupt_plan(&plan);
     if (absl::Status s = sched.CheckInvariants(); !s.ok()) return fail(step, "after Schedule: ", s.ToString());
     if (absl::Status s = worker.Execute(plan, lookup); !s.ok()) return fail(step, s.ToString());
@@ -302,7 +304,7 @@ TEST(SchedulerSoakTest, AllKvFormatsAllPreemptionModes) {
         c.mode = mode;
         c.block_size = bs;
         c.prefix_caching = seed % 4 != 0;
-        c.steps = 1700;
+        c.steps = 5000;
         c.gpu_budget_fp16_blocks = bs == 4 ? 24 : 12;
         c.cpu_budget_fp16_blocks = static_cast<int32_t>(seed % 3) * 6;
         SCOPED_TRACE(absl::StrCat("dtype ", static_cast<int>(f.dtype), " scale ",

@@ -59,7 +59,9 @@ struct ScheduledSeq {
 //   1. swap_out (GPU -> CPU), 2. swap_in (CPU -> GPU), 3. copy (GPU -> GPU,
 //   copy-on-write), 4. the forward pass over `seqs`, writing KV at
 //   slot_mapping. Within one list no dst is a src of the same list and dsts
-//   are distinct, so the pairs of a list may run in parallel.
+//   are distinct, so the pairs of a list may run in parallel. A plan never
+//   has both swap_out and swap_in, and a plan with any block pair schedules at
+//   least one sequence (the oldest running one always runs).
 struct StepPlan {
   int64_t step_id = 0;
   std::vector<ScheduledSeq> seqs;

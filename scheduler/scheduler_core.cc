@@ -183,7 +183,11 @@ void Scheduler::ScheduleRunning(StepPlan* plan, int32_t* tokens_left, bool* pree
     Sequence* s = running_[i];
     const bool decode = s->uncomputed() == 1;
     if (decode) --decodes_left;
-    const int32_t n = ChunkFor(s->uncomputed(), decode ? *tokens_left : *tokens_left - decodes_left);
+    int32_t room = decode ? *tokens_left : *tokens_left - decodes_left;
+    // The oldest sequence always runs (progress; and a plan that moves blocks
+    // always schedules a sequence).
+    if (i == 0) room = std::max(room, std::min(*tokens_left, 1));
+    const int32_t n = ChunkFor(s->uncomputed(), room);
     if (n <= 0) continue;  // no budget this step; it keeps its blocks
     const int32_t start = s->num_computed;
     bool self_preempted = false;

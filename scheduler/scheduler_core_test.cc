@@ -461,6 +461,32 @@ TEST(SchedulerTest, ForkSharesBlocksAndCopiesOnTheNextAppend) {
   EXPECT_EQ(d.sched->Fork(w).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+TEST(SchedulerTest, CopySourceFreedByALaterPreemptionIsNotReusedInTheSameStep) {
+  // P1, P2 each share their partial last block with a fork (C2 forked first,
+  // so C1 is the newest). Pool: 5 blocks, 4 in use. P1 copies-on-write into
+  // the last free block; P2 then needs one too, preempting C1, which drops
+  // P1's copy source to refcount 0. Handing that block to P2's copy would put
+  // it in the same copy list as source and destination: it must stay pinned,
+  // so C2 is preempted as well and P2 writes in place.
+  SchedulerOptions o = SmallOpts(5);
+  o.blocks.enable_prefix_caching = false;
+  Driver d(o);
+  const SeqId p1 = d.Add(1, Tok(6, 100), 10);
+  const SeqId p2 = d.Add(2, Tok(6, 200), 10);
+  d.Step();
+  for (const SeqId parent : {p2, p1}) {
+    auto c = d.sched->Fork(parent);
+    ASSERT_TRUE(c.ok()) << c.status();
+    d.mirrors[*c] = d.mirrors[parent];
+  }
+  const StepPlan p = d.Step();  // the FakeWorker rejects overlapping copy pairs
+  EXPECT_EQ(p.copy.size(), 1u);
+  EXPECT_EQ(d.sched->Stats().preemptions_recompute, 2);
+  EXPECT_NE(d.Find(p, p1), nullptr);
+  EXPECT_NE(d.Find(p, p2), nullptr);
+  d.Drain();
+}
+
 // --- finishing, aborting, result validation ---------------------------------------------------
 
 TEST(SchedulerTest, FinishReasonsTableDriven) {
