@@ -148,9 +148,9 @@ absl::Status CpuEngine::Validate(const StepInput& input) const {
       }
     }
   }
-  auto check_moves = [&](const std::vector<BlockCopy>& moves, int32_t src_n, int32_t dst_n,
+  auto check_moves = [&](const std::vector<KvBlockMove>& moves, int32_t src_n, int32_t dst_n,
                          const char* what) -> absl::Status {
-    for (const BlockCopy& m : moves) {
+    for (const KvBlockMove& m : moves) {
       if (m.src < 0 || m.src >= src_n || m.dst < 0 || m.dst >= dst_n) {
         return absl::InvalidArgumentError(absl::StrCat(what, " ", m.src, "->", m.dst, " out of range"));
       }
@@ -167,16 +167,16 @@ void CpuEngine::ApplyBlockMoves(const StepInput& input) {
   const int64_t bb = layout_.block_bytes;
   for (size_t l = 0; l < views_.size(); ++l) {
     uint8_t* dev = gpu_pool_[l].get();
-    for (const BlockCopy& m : input.swap_out) {
+    for (const KvBlockMove& m : input.swap_out) {
       std::memcpy(cpu_pool_[l].get() + m.dst * bb, dev + m.src * bb, bb);
     }
-    for (const BlockCopy& m : input.swap_in) {
+    for (const KvBlockMove& m : input.swap_in) {
       std::memcpy(dev + m.dst * bb, cpu_pool_[l].get() + m.src * bb, bb);
     }
   }
   if (!input.copies.empty()) {
     std::vector<int32_t> src, dst;
-    for (const BlockCopy& m : input.copies) src.push_back(m.src), dst.push_back(m.dst);
+    for (const KvBlockMove& m : input.copies) src.push_back(m.src), dst.push_back(m.dst);
     for (const KvCacheView& v : views_) {
       cpu::CopyBlocks(v, src.data(), dst.data(), static_cast<int32_t>(src.size()));
     }

@@ -4,11 +4,13 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "runtime/kv_format.h"
 #include "runtime/model_config.h"
+#include "runtime/sampling.h"
 
 namespace strata {
 
@@ -20,9 +22,17 @@ struct SeqStepInput {
   // Which logits to return: none, the last new token's, or every new token's
   // (prompt log-probs, perplexity).
   enum class Logits : uint8_t { kNone, kLast, kAll } logits = Logits::kLast;
+  // On-device sampling, for engines whose SupportsSampling() is true (others
+  // ignore these fields): the next token is drawn from the last new token's
+  // logits with `sampling`, independently of `logits` (kNone keeps the logits
+  // on the device). A seeded request's random stream is keyed by (seed,
+  // position of the sampled row), so it does not depend on the batch.
+  bool sample = false;
+  SamplingParams sampling;
+  int32_t num_logprobs = -1;  // -1: none; 0: the sampled token's; n: also the top n (<= 20)
 };
 
-struct BlockCopy {
+struct KvBlockMove {
   int32_t src = 0;
   int32_t dst = 0;
 };
@@ -31,15 +41,23 @@ struct StepInput {
   std::vector<SeqStepInput> seqs;
   // Applied before the forward pass, in this order: swap out (device -> host
   // pool), swap in (host -> device pool), copy-on-write copies (device).
-  std::vector<BlockCopy> swap_out;
-  std::vector<BlockCopy> swap_in;
-  std::vector<BlockCopy> copies;
+  std::vector<KvBlockMove> swap_out;
+  std::vector<KvBlockMove> swap_in;
+  std::vector<KvBlockMove> copies;
 };
 
 struct StepOutput {
   // Rows of logits in sequence order: per sequence, 0, 1 or len(tokens) rows.
   std::vector<float> logits;  // [rows][vocab]
   std::vector<int32_t> row_begin;  // [num_seqs + 1] row offsets per sequence
+  // On-device sampling results: [num_seqs] when any sequence set `sample`
+  // (token -1 for those that did not), else empty.
+  struct Sampled {
+    int32_t token = -1;
+    float logprob = 0.0f;                               // log-softmax of the raw logits
+    std::vector<std::pair<int32_t, float>> top_logprobs;  // (id, logprob), best first
+  };
+  std::vector<Sampled> sampled;
 };
 
 struct EngineOptions {
@@ -57,6 +75,8 @@ class Engine {
   // Validates the step against the pools (block ids in range, tables long
   // enough, positions within the model's context) and runs it.
   virtual absl::Status Step(const StepInput& input, StepOutput* output) = 0;
+  // Whether Step() honours SeqStepInput::sample (the CUDA engine does).
+  virtual bool SupportsSampling() const { return false; }
 };
 
 }  // namespace strata

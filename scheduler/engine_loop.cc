@@ -1,0 +1,134 @@
+#include "scheduler/engine_loop.h"
+
+#include "absl/strings/str_cat.h"
+#include "runtime/status_macros.h"
+
+namespace strata {
+
+absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(Engine* engine,
+                                                                const SchedulerOptions& options,
+                                                                LoopCallbacks callbacks) {
+  const EngineOptions& eo = engine->options();
+  if (options.blocks.block_size != eo.block_size ||
+      options.blocks.num_gpu_blocks > eo.num_gpu_blocks ||
+      options.blocks.num_cpu_blocks > eo.num_cpu_blocks) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "scheduler pools (block size ", options.blocks.block_size, ", ",
+        options.blocks.num_gpu_blocks, " GPU / ", options.blocks.num_cpu_blocks,
+        " CPU blocks) do not fit the engine's (block size ", eo.block_size, ", ",
+        eo.num_gpu_blocks, " / ", eo.num_cpu_blocks, ")"));
+  }
+  if (options.max_model_len > engine->config().max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("max_model_len ", options.max_model_len,
+                                                   " exceeds the model context ",
+                                                   engine->config().max_position_embeddings));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<Scheduler> s, Scheduler::Create(options));
+  return std::unique_ptr<EngineLoop>(new EngineLoop(engine, std::move(s), std::move(callbacks)));
+}
+
+EngineLoop::EngineLoop(Engine* engine, std::unique_ptr<Scheduler> scheduler,
+                       LoopCallbacks callbacks)
+    : engine_(engine), scheduler_(std::move(scheduler)), callbacks_(std::move(callbacks)) {}
+
+absl::StatusOr<SeqId> EngineLoop::AddRequest(const LoopRequest& request) {
+  const int32_t vocab = engine_->config().vocab_size;
+  RETURN_IF_ERROR(ValidateSamplingParams(request.sampling, vocab));
+  for (int32_t t : request.prompt) {
+    if (t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token id ", t, " is outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
+  for (int32_t t : request.stop_token_ids) {
+    if (t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("stop token id ", t, " is outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
+  SchedRequest r;
+  r.request_id = request.request_id;
+  r.prompt = request.prompt;
+  r.max_tokens = request.max_tokens;
+  r.stop_token_ids = request.stop_token_ids;
+  ASSIGN_OR_RETURN(SeqId id, scheduler_->AddRequest(std::move(r)));
+  samplers_.emplace(id, Sampler(request.sampling));
+  return id;
+}
+
+absl::Status EngineLoop::Abort(RequestId request) { return scheduler_->Abort(request); }
+
+bool EngineLoop::HasWork() const {
+  const SchedulerStats s = scheduler_->Stats();
+  return s.num_running + s.num_waiting + s.num_swapped > 0;
+}
+
+absl::Status EngineLoop::Step() {
+  StepPlan plan = scheduler_->Schedule();
+  StepResult result;
+  result.step_id = plan.step_id;
+  if (!plan.seqs.empty() || !plan.swap_in.empty() || !plan.swap_out.empty() || !plan.copy.empty()) {
+    StepInput in;
+    in.seqs.reserve(plan.seqs.size());
+    for (const ScheduledSeq& s : plan.seqs) {
+      SeqStepInput x;
+      x.tokens = s.token_ids;
+      x.start_pos = s.start_pos;
+      x.block_table.reserve(s.block_table.size());
+      for (BlockId b : s.block_table) x.block_table.push_back(b.value());
+      x.logits = s.needs_logits ? SeqStepInput::Logits::kLast : SeqStepInput::Logits::kNone;
+      in.seqs.push_back(std::move(x));
+    }
+    auto moves = [](const std::vector<BlockCopy>& from, std::vector<KvBlockMove>* to) {
+      for (const BlockCopy& c : from) to->push_back({c.src.value(), c.dst.value()});
+    };
+    moves(plan.swap_out, &in.swap_out);
+    moves(plan.swap_in, &in.swap_in);
+    moves(plan.copy, &in.copies);
+    if (in.seqs.empty()) {
+      // Block moves only: nothing to forward. Engines require a sequence, so
+      // the moves ride on the next step (the scheduler never plans moves
+      // without sequences today; this keeps the loop honest if it does).
+      return absl::InternalError("step plan with block moves but no sequences");
+    }
+    const absl::Status st = engine_->Step(in, &output_);
+    if (!st.ok()) {
+      for (const ScheduledSeq& s : plan.seqs) (void)scheduler_->Abort(s.seq_id);
+      (void)scheduler_->OnStepResult(result);
+      return st;
+    }
+    const int32_t vocab = engine_->config().vocab_size;
+    for (size_t i = 0; i < plan.seqs.size(); ++i) {
+      const ScheduledSeq& s = plan.seqs[i];
+      if (!s.needs_logits) continue;
+      const float* logits = output_.logits.data() + int64_t{output_.row_begin[i]} * vocab;
+      const int32_t tok = samplers_.at(s.seq_id).Sample(logits, vocab);
+      result.sampled.push_back({s.seq_id, tok});
+    }
+  }
+  ASSIGN_OR_RETURN(std::vector<FinishedSeq> finished, scheduler_->OnStepResult(result));
+  if (callbacks_.on_token) {
+    for (const SampledToken& t : result.sampled) {
+      // Tokens of finished sequences that hit a stop token are not emitted.
+      bool stopped = false;
+      for (const FinishedSeq& f : finished) {
+        if (f.seq_id == t.seq_id && f.reason == FinishReason::kStop) stopped = true;
+      }
+      if (!stopped) {
+        const auto it = std::find_if(plan.seqs.begin(), plan.seqs.end(),
+                                     [&](const ScheduledSeq& s) { return s.seq_id == t.seq_id; });
+        callbacks_.on_token(it->request_id, t.token);
+      }
+    }
+  }
+  for (const FinishedSeq& f : finished) {
+    samplers_.erase(f.seq_id);
+    if (callbacks_.on_finish) callbacks_.on_finish(f);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EngineLoop::RunToCompletion() {
+  while (HasWork()) RETURN_IF_ERROR(Step());
+  return absl::OkStatus();
+}
+
+}  // namespace strata

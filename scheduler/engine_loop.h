@@ -1,0 +1,65 @@
+// The engine loop: the scheduler core driving an Engine (in-process CPU or
+// CUDA engine, or remote workers behind the same interface). One thread owns
+// an EngineLoop; it alternates Schedule() -> Engine::Step() -> sampling ->
+// OnStepResult(). Requests are added and aborted between steps.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "runtime/sampling.h"
+#include "scheduler/scheduler_core.h"
+#include "worker/engine.h"
+
+namespace strata {
+
+struct LoopRequest {
+  RequestId request_id;
+  std::vector<int32_t> prompt;
+  int32_t max_tokens = 16;
+  SamplingParams sampling;
+  std::vector<int32_t> stop_token_ids;
+};
+
+// Called for every token a sequence emits, and once when it finishes.
+struct LoopCallbacks {
+  std::function<void(RequestId, int32_t token)> on_token;
+  std::function<void(const FinishedSeq&)> on_finish;
+};
+
+class EngineLoop {
+ public:
+  // `engine` must outlive the loop. Scheduler options' pool sizes and block
+  // size must match the engine's.
+  static absl::StatusOr<std::unique_ptr<EngineLoop>> Create(Engine* engine,
+                                                            const SchedulerOptions& options,
+                                                            LoopCallbacks callbacks = {});
+
+  // Validates sampling and token ids, then enqueues. Codes as Scheduler::AddRequest.
+  absl::StatusOr<SeqId> AddRequest(const LoopRequest& request);
+  absl::Status Abort(RequestId request);
+
+  // Runs one step (no-op when idle). Engine failures come back as its status;
+  // the step's sequences are then aborted and reported as failed.
+  absl::Status Step();
+  bool HasWork() const;
+  // Steps until idle.
+  absl::Status RunToCompletion();
+
+  const Scheduler& scheduler() const { return *scheduler_; }
+
+ private:
+  EngineLoop(Engine* engine, std::unique_ptr<Scheduler> scheduler, LoopCallbacks callbacks);
+
+  Engine* engine_;
+  std::unique_ptr<Scheduler> scheduler_;
+  LoopCallbacks callbacks_;
+  absl::flat_hash_map<SeqId, Sampler> samplers_;
+  StepOutput output_;  // reused across steps
+};
+
+}  // namespace strata
