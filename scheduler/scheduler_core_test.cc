@@ -54,6 +54,7 @@ class Driver {
     auto id = sched->AddRequest({RequestId(request), std::move(prompt), max_tokens, std::move(stop)});
     EXPECT_TRUE(id.ok()) << id.status();
     mirrors[*id] = std::move(m);
+    prompt_len[*id] = mirrors[*id].tokens.size();
     return *id;
   }
 
@@ -76,8 +77,8 @@ class Driver {
     auto done = sched->OnStepResult(r);
     EXPECT_TRUE(done.ok()) << done.status();
     for (FinishedSeq& f : *done) {
-      EXPECT_EQ(f.output_tokens.size() + 0,
-                mirrors[f.seq_id].tokens.size() - (mirrors[f.seq_id].tokens.size() - f.output_tokens.size()));
+      const std::vector<int32_t>& all = mirrors[f.seq_id].tokens;
+      EXPECT_EQ(f.output_tokens, std::vector<int32_t>(all.begin() + prompt_len[f.seq_id], all.end()));
       mirrors.erase(f.seq_id);
       finished.push_back(std::move(f));
     }
@@ -105,7 +106,13 @@ class Driver {
   std::unique_ptr<Scheduler> sched;
   FakeWorker worker;
   absl::flat_hash_map<SeqId, SeqMirror> mirrors;
+  absl::flat_hash_map<SeqId, size_t> prompt_len;
   std::vector<FinishedSeq> finished;
+  // Registers a fork made outside Step(): the child mirrors its parent.
+  void AdoptFork(SeqId parent, SeqId child) {
+    mirrors[child] = mirrors[parent];
+    prompt_len[child] = prompt_len[parent];
+  }
 };
 
 // --- options and admission validation ------------------------------------------------
@@ -352,6 +359,8 @@ TEST(SchedulerTest, PreemptionModeDecisionTableDriven) {
 TEST(SchedulerTest, SwappedSequencesComeBackBeforeNewAdmissions) {
   SchedulerOptions o = SmallOpts(4, 4);
   o.preemption_mode = PreemptionMode::kSwap;
+  o.blocks.enable_prefix_caching = false;  // every block travels both ways
+  o.blocks.bytes_per_block = 100;
   Driver d(o);
   const SeqId a = d.Add(1, Tok(6, 100), 7);
   const SeqId b = d.Add(2, Tok(6, 200), 9);
@@ -370,7 +379,9 @@ TEST(SchedulerTest, SwappedSequencesComeBackBeforeNewAdmissions) {
   }
   EXPECT_GE(step_b_back, 0);
   EXPECT_GE(step_c_in, step_b_back);
-  EXPECT_GT(d.sched->Stats().blocks.bytes_swapped_in + 1, 0);
+  EXPECT_EQ(d.sched->Stats().blocks.blocks_swapped_out, 2);
+  EXPECT_EQ(d.sched->Stats().blocks.bytes_swapped_out, 200);
+  EXPECT_EQ(d.sched->Stats().blocks.bytes_swapped_in, 200);
   EXPECT_EQ(d.finished.size(), 3u);
   (void)a;
 }
@@ -439,9 +450,8 @@ TEST(SchedulerTest, ForkSharesBlocksAndCopiesOnTheNextAppend) {
   const int32_t other = 42;
   auto child = d.sched->Fork(a, other);
   ASSERT_TRUE(child.ok()) << child.status();
-  SeqMirror m = d.mirrors[a];
-  m.ReplaceLast(other);
-  d.mirrors[*child] = m;
+  d.AdoptFork(a, *child);
+  d.mirrors[*child].ReplaceLast(other);
   EXPECT_EQ(d.sched->SeqTokens(*child).back(), other);
   EXPECT_EQ(d.sched->block_manager().BlockIds(*child), d.sched->block_manager().BlockIds(a));
   const StepPlan p = d.Step();
@@ -477,7 +487,7 @@ TEST(SchedulerTest, CopySourceFreedByALaterPreemptionIsNotReusedInTheSameStep) {
   for (const SeqId parent : {p2, p1}) {
     auto c = d.sched->Fork(parent);
     ASSERT_TRUE(c.ok()) << c.status();
-    d.mirrors[*c] = d.mirrors[parent];
+    d.AdoptFork(parent, *c);
   }
   const StepPlan p = d.Step();  // the FakeWorker rejects overlapping copy pairs
   EXPECT_EQ(p.copy.size(), 1u);
