@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/kv_cache_cpu.h"
+#include "kernels/kv_cache_view_util.h"
 #include "runtime/kv_format_util.h"
 #include "runtime/status_macros.h"
 
@@ -92,10 +93,13 @@ absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
       e->cpu_pool_.emplace_back(AllocPool(int64_t{e->layout_.block_bytes} * options.num_cpu_blocks));
       if (!e->cpu_pool_.back()) return absl::ResourceExhaustedError("cannot allocate swap space");
     }
-    KvCacheView& v = e->views_[l];
-    v.layout = e->layout_;
-    v.pool = e->gpu_pool_.back().get();
-    v.num_blocks = options.num_gpu_blocks;
+    KvCacheViewOptions vo;
+    vo.format = options.kv_format;
+    vo.block_size = bs;
+    vo.num_kv_heads = c.num_kv_heads;
+    vo.head_dim = c.head_dim;
+    vo.pool = e->gpu_pool_.back().get();
+    vo.num_blocks = options.num_gpu_blocks;
     if (e->quant_params_) {
       auto& s = e->static_scales_[l];
       const KvQuantParams& p = *e->quant_params_;
@@ -105,11 +109,14 @@ absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
       std::copy(p.k_zero[l].begin(), p.k_zero[l].end(), s.begin() + H);
       std::copy(p.v_scale[l].begin(), p.v_scale[l].end(), s.begin() + 2 * H);
       std::copy(p.v_zero[l].begin(), p.v_zero[l].end(), s.begin() + 3 * H);
-      v.k_scale = s.data();
-      v.k_zero = s.data() + H;
-      v.v_scale = s.data() + 2 * H;
-      v.v_zero = s.data() + 3 * H;
+      vo.k_scale = s.data();
+      vo.v_scale = s.data() + 2 * H;
+      if (KvDtypeIsInteger(options.kv_format.dtype)) {
+        vo.k_zero = s.data() + H;
+        vo.v_zero = s.data() + 3 * H;
+      }
     }
+    ASSIGN_OR_RETURN(e->views_[l], MakeKvCacheView(vo));
   }
   e->weights_ = std::move(weights);
   return e;
@@ -253,6 +260,7 @@ absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
     }
     cpu::ApplyRope(q_.data(), positions.data(), T, c.num_heads, c.head_dim, rope_);
     cpu::ApplyRope(k_.data(), positions.data(), T, c.num_kv_heads, c.head_dim, rope_);
+    if (observer_) observer_(l, q_.data(), k_.data(), v_.data(), T);
     cpu::WriteKvCache(views_[l], k_.data(), v_.data(), slots.data(), static_cast<int32_t>(T));
     cpu::PagedAttention(views_[l], batch, q_.data(), c.num_heads, softmax_scale, attn_.data());
     cpu::Linear(attn_.data(), lw.wo.data(), x, T, d, q, /*accumulate=*/true);

@@ -3,6 +3,7 @@
 // from kernels/cpu (OpenMP).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -27,6 +28,12 @@ class CpuEngine final : public Engine {
   const EngineOptions& options() const override { return options_; }
   absl::Status Step(const StepInput& input, StepOutput* output) override;
 
+  // Called once per layer per step with the step's post-RoPE q, k, v
+  // ([tokens][heads][head_dim]); calibration and accuracy tools use it.
+  using LayerObserver = std::function<void(int layer, const float* q, const float* k,
+                                           const float* v, int64_t tokens)>;
+  void set_layer_observer(LayerObserver observer) { observer_ = std::move(observer); }
+
   // The cache of one layer (tests and accuracy tools read it back).
   const KvCacheView& cache_view(int layer) const { return views_[layer]; }
   int64_t kv_bytes_per_block() const;  // all layers
@@ -44,6 +51,7 @@ class CpuEngine final : public Engine {
   ModelWeights weights_;
   EngineOptions options_;
   std::optional<KvQuantParams> quant_params_;
+  LayerObserver observer_;
   // Fused projections: [q; k; v] rows and [gate; up] rows, per layer.
   std::vector<std::vector<float>> wqkv_, wgateup_;
   std::vector<float> rope_cos_, rope_sin_;
