@@ -1,0 +1,355 @@
+// Decode attention benchmark: batch 64, 32 query heads, 8 kv heads, head_dim
+// 128, block 16, contexts 512 / 4096 / 32768, every KV format.
+//
+// Time: CUDA events around each call (decode kernel + split-K merge), after a
+// warm-up, median of many. Inputs: random K/V written through WriteKvCache (real
+// scales / zero points), random queries; several cache copies with different
+// block tables are rotated so that the bytes touched per call sequence exceed
+// L2 several times. Achieved bandwidth = (K/V data + scale/zero bytes read +
+// output written) / time, compared with cudaMemcpy device-to-device bandwidth
+// (bytes read + written) measured in the same run.
+//
+// Usage: decode_attention_bench [--quick] [--sweep] [--ctx N] [--iters N] [--warmup N]
+//   --quick   fewer iterations (smoke test)
+//   --sweep   also time partition sizes 256..2048 at context 4096
+//   --ctx N   only this context length (e.g. under a profiler)
+//   --iters N / --warmup N  timed / untimed calls per case
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/kv_cache_cuda.h"
+#include "kernels/quant_math.h"
+
+namespace {
+
+using strata::KvCacheView;
+using strata::KvDtype;
+using strata::KvFormat;
+using strata::KvScaleMode;
+namespace sc = strata::cuda;
+
+#define CHECK_CUDA(expr)                                                             \
+  do {                                                                               \
+    const cudaError_t err_ = (expr);                                                 \
+    if (err_ != cudaSuccess) {                                                       \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr,              \
+                   cudaGetErrorString(err_));                                        \
+      std::exit(1);                                                                  \
+    }                                                                                \
+  } while (0)
+
+constexpr int kBatch = 64, kHeads = 32, kKvHeads = 8, kHeadDim = 128, kBlock = 16;
+
+__device__ __forceinline__ uint32_t Hash(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+
+// Roughly normal values (sum of 4 uniforms), per-row offsets so that dynamic
+// scales and zero points vary.
+__global__ void FillRandom(float* x, int64_t n, uint64_t seed, int row) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    float s = 0.0f;
+    for (int k = 0; k < 4; ++k) s += (Hash(seed * 0x9E3779B97F4A7C15ull + i * 4 + k) >> 8) * (1.0f / 16777216.0f);
+    const uint32_t r = Hash(seed + (i / row) * 7919u);
+    x[i] = (s - 2.0f) * 1.7f * (0.5f + (r & 255) / 256.0f) + ((r >> 8) & 3) * 0.25f;
+  }
+}
+
+__global__ void Iota(int64_t* p, int64_t n, int64_t start) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    p[i] = start + i;
+  }
+}
+
+struct FormatCase {
+  KvFormat format;
+  const char* name;
+};
+
+const FormatCase kFormats[] = {
+    {{KvDtype::kFp16, KvScaleMode::kNone}, "fp16"},
+    {{KvDtype::kBf16, KvScaleMode::kNone}, "bf16"},
+    {{KvDtype::kFp32, KvScaleMode::kNone}, "fp32"},
+    {{KvDtype::kFp8E4M3, KvScaleMode::kDynamic}, "fp8_e4m3 dyn"},
+    {{KvDtype::kFp8E4M3, KvScaleMode::kStatic}, "fp8_e4m3 static"},
+    {{KvDtype::kFp8E5M2, KvScaleMode::kNone}, "fp8_e5m2"},
+    {{KvDtype::kInt8, KvScaleMode::kDynamic}, "int8 dyn"},
+    {{KvDtype::kInt8, KvScaleMode::kStatic}, "int8 static"},
+    {{KvDtype::kInt4, KvScaleMode::kDynamic}, "int4 dyn"},
+};
+
+struct Result {
+  int ctx;
+  std::string name;
+  int partition;
+  double us;
+  double gbps;
+  double frac;
+  double rel_fp16;
+};
+
+float Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double CopyBandwidth(int iters) {
+  const size_t bytes = size_t{2} << 30;  // 2 GiB
+  void *a, *b;
+  CHECK_CUDA(cudaMalloc(&a, bytes));
+  CHECK_CUDA(cudaMalloc(&b, bytes));
+  CHECK_CUDA(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  for (int i = 0; i < 2; ++i) CHECK_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+  std::vector<float> ms;
+  for (int i = 0; i < iters; ++i) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float t;
+    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    ms.push_back(t);
+  }
+  CHECK_CUDA(cudaFree(a));
+  CHECK_CUDA(cudaFree(b));
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  return 2.0 * bytes / (Median(ms) * 1e-3) / 1e9;  // read + write, GB/s
+}
+
+struct Setup {
+  KvCacheView view;
+  int copies = 1;
+  std::vector<int32_t*> tables;  // per copy, [kBatch][blocks_per_seq]
+  int32_t* ctx = nullptr;
+  int32_t* qs = nullptr;
+  float* q = nullptr;
+  float* out = nullptr;
+  float* scales = nullptr;
+  int blocks_per_seq = 0;
+};
+
+// Allocates `copies` caches' worth of blocks in one pool, fills them with
+// random data through WriteKvCache, and builds per-copy shuffled block tables.
+Setup MakeSetup(KvFormat f, int ctx, size_t l2_bytes) {
+  Setup s;
+  s.view.layout = strata::MakeKvBlockLayout(f, kBlock, kKvHeads, kHeadDim);
+  s.blocks_per_seq = (ctx + kBlock - 1) / kBlock;
+  const int64_t blocks_one = int64_t{kBatch} * s.blocks_per_seq;
+  const double bytes_one = double(blocks_one) * s.view.layout.block_bytes;
+  s.copies = std::max(1, static_cast<int>(std::ceil(4.0 * l2_bytes / bytes_one)));
+  s.copies = std::min(s.copies, 16);
+  const int64_t blocks = blocks_one * s.copies;
+  s.view.num_blocks = static_cast<int32_t>(blocks);
+  CHECK_CUDA(cudaMalloc(&s.view.pool, size_t(blocks) * s.view.layout.block_bytes));
+  if (f.scale_mode == KvScaleMode::kStatic) {
+    std::vector<float> h(4 * kKvHeads, 0.0f);
+    const float qmax = f.dtype == KvDtype::kInt8 ? 127.0f : 448.0f;
+    for (int i = 0; i < kKvHeads; ++i) h[i] = h[2 * kKvHeads + i] = 6.0f / qmax;
+    CHECK_CUDA(cudaMalloc(&s.scales, h.size() * sizeof(float)));
+    CHECK_CUDA(cudaMemcpy(s.scales, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+    s.view.k_scale = s.scales;
+    s.view.v_scale = s.scales + 2 * kKvHeads;
+    if (f.dtype == KvDtype::kInt8) {
+      s.view.k_zero = s.scales + kKvHeads;
+      s.view.v_zero = s.scales + 3 * kKvHeads;
+    }
+  }
+  // Random K/V through the write kernel, in chunks of slots.
+  const int64_t slots = blocks * kBlock;
+  const int64_t chunk = 1 << 16;
+  const int64_t row = int64_t{kKvHeads} * kHeadDim;
+  float *k, *v;
+  int64_t* sm;
+  CHECK_CUDA(cudaMalloc(&k, chunk * row * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&v, chunk * row * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&sm, chunk * sizeof(int64_t)));
+  for (int64_t s0 = 0; s0 < slots; s0 += chunk) {
+    const int64_t n = std::min(chunk, slots - s0);
+    FillRandom<<<1024, 256>>>(k, n * row, 2 * s0 + 1, kHeadDim);
+    FillRandom<<<1024, 256>>>(v, n * row, 2 * s0 + 2, kHeadDim);
+    Iota<<<256, 256>>>(sm, n, s0);
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(sc::WriteKvCache(s.view, k, v, sm, static_cast<int32_t>(n), nullptr));
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  CHECK_CUDA(cudaFree(k));
+  CHECK_CUDA(cudaFree(v));
+  CHECK_CUDA(cudaFree(sm));
+  // Block tables: a random permutation per copy.
+  std::vector<int32_t> ids(blocks_one);
+  uint64_t rng = 12345;
+  for (int c = 0; c < s.copies; ++c) {
+    for (int64_t i = 0; i < blocks_one; ++i) ids[i] = static_cast<int32_t>(c * blocks_one + i);
+    for (int64_t i = blocks_one - 1; i > 0; --i) {
+      rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+      std::swap(ids[i], ids[(rng >> 33) % (i + 1)]);
+    }
+    int32_t* t;
+    CHECK_CUDA(cudaMalloc(&t, ids.size() * sizeof(int32_t)));
+    CHECK_CUDA(cudaMemcpy(t, ids.data(), ids.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+    s.tables.push_back(t);
+  }
+  std::vector<int32_t> ctxs(kBatch, ctx), qs(kBatch + 1);
+  for (int i = 0; i <= kBatch; ++i) qs[i] = i;
+  CHECK_CUDA(cudaMalloc(&s.ctx, kBatch * sizeof(int32_t)));
+  CHECK_CUDA(cudaMalloc(&s.qs, (kBatch + 1) * sizeof(int32_t)));
+  CHECK_CUDA(cudaMemcpy(s.ctx, ctxs.data(), kBatch * sizeof(int32_t), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(s.qs, qs.data(), (kBatch + 1) * sizeof(int32_t), cudaMemcpyHostToDevice));
+  const size_t qn = size_t{kBatch} * kHeads * kHeadDim;
+  CHECK_CUDA(cudaMalloc(&s.q, qn * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&s.out, qn * sizeof(float)));
+  FillRandom<<<256, 256>>>(s.q, qn, 99, kHeadDim);
+  CHECK_CUDA(cudaGetLastError());
+  return s;
+}
+
+void FreeSetup(Setup& s) {
+  CHECK_CUDA(cudaFree(s.view.pool));
+  for (int32_t* t : s.tables) CHECK_CUDA(cudaFree(t));
+  CHECK_CUDA(cudaFree(s.ctx));
+  CHECK_CUDA(cudaFree(s.qs));
+  CHECK_CUDA(cudaFree(s.q));
+  CHECK_CUDA(cudaFree(s.out));
+  if (s.scales) CHECK_CUDA(cudaFree(s.scales));
+}
+
+// Bytes a decode step must move: K/V data and per-token scale/zero sections
+// of the context, plus the fp32 output.
+double StepBytes(const KvCacheView& v, int ctx) {
+  const auto& l = v.layout;
+  double per_token = 2.0 * l.token_bytes;
+  if (l.has_token_scale()) per_token += 2.0 * 2;
+  if (l.has_token_zero()) per_token += 2.0 * 1;
+  return double(kBatch) * ctx * kKvHeads * per_token + double(kBatch) * kHeads * kHeadDim * 4;
+}
+
+// Median time (us) of one decode step with the given plan.
+int g_warmup = 3;
+
+double TimeDecode(Setup& s, const sc::DecodePlan& plan, int ctx, int iters) {
+  void* ws = nullptr;
+  if (plan.workspace_bytes > 0) CHECK_CUDA(cudaMalloc(&ws, plan.workspace_bytes));
+  sc::AttentionArgs a;
+  a.cache = s.view;
+  a.batch.num_seqs = kBatch;
+  a.batch.num_tokens = kBatch;
+  a.batch.max_blocks_per_seq = s.blocks_per_seq;
+  a.batch.context_lens = s.ctx;
+  a.batch.query_start = s.qs;
+  a.query = s.q;
+  a.out = s.out;
+  a.num_heads = kHeads;
+  a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  const int warmup = g_warmup;
+  for (int i = 0; i < warmup + iters; ++i) {
+    a.batch.block_tables = s.tables[i % s.copies];
+    CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(sc::PagedDecodeAttention(a, plan, ws, nullptr));
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float t;
+    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= warmup) ms.push_back(t);
+  }
+  // Output sanity: finite.
+  std::vector<float> out(size_t{kBatch} * kHeads * kHeadDim);
+  CHECK_CUDA(cudaMemcpy(out.data(), s.out, out.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  for (float x : out) {
+    if (!std::isfinite(x)) {
+      std::fprintf(stderr, "non-finite decode output\n");
+      std::exit(1);
+    }
+  }
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  if (ws) CHECK_CUDA(cudaFree(ws));
+  return Median(ms) * 1e3;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false, sweep = false;
+  int only_ctx = 0, iters_override = 0;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--sweep")) sweep = true;
+    if (!std::strcmp(argv[i], "--ctx") && i + 1 < argc) only_ctx = std::atoi(argv[++i]);
+    if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters_override = std::atoi(argv[++i]);
+    if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_warmup = std::atoi(argv[++i]);
+  }
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, dev));
+  const double copy_bw = CopyBandwidth(quick ? 3 : 10);
+  std::printf("device: %s, %d SMs, L2 %.0f MB\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize / 1e6);
+  std::printf("cudaMemcpy D2D bandwidth (read+write): %.0f GB/s\n", copy_bw);
+  std::printf("shape: batch %d, heads %d, kv heads %d, head_dim %d, block %d\n", kBatch, kHeads,
+              kKvHeads, kHeadDim, kBlock);
+  std::fflush(stdout);
+
+  std::vector<Result> results;
+  for (int ctx : {512, 4096, 32768}) {
+    if (only_ctx && ctx != only_ctx) continue;
+    double fp16_us = 0;
+    for (const FormatCase& fc : kFormats) {
+      if (ctx == 32768 && fc.format.dtype == KvDtype::kFp32) continue;  // 34 GB of cache
+      Setup s = MakeSetup(fc.format, ctx, prop.l2CacheSize);
+      const sc::DecodePlan plan =
+          sc::PlanDecode(s.view, kBatch, kHeads, ctx, prop.multiProcessorCount);
+      const int iters =
+          iters_override > 0 ? iters_override : quick ? 5 : (ctx == 32768 ? 30 : 100);
+      const double us = TimeDecode(s, plan, ctx, iters);
+      if (fc.format.dtype == KvDtype::kFp16) fp16_us = us;
+      const double gbps = StepBytes(s.view, ctx) / (us * 1e-6) / 1e9;
+      results.push_back({ctx, fc.name, plan.partition_size, us, gbps, gbps / copy_bw,
+                         fp16_us > 0 ? us / fp16_us : 0});
+      std::printf("ctx %5d %-16s P %4d x%-3d copies %2d: %9.1f us  %6.0f GB/s  %5.1f%% of copy\n",
+                  ctx, fc.name, plan.partition_size, plan.max_splits, s.copies, us, gbps,
+                  100 * gbps / copy_bw);
+      std::fflush(stdout);
+      if (sweep && ctx == 4096) {
+        for (int p : {256, 512, 1024, 2048}) {
+          const auto pp = sc::PlanDecodeWithPartition(s.view, kBatch, kHeads, ctx, p);
+          const double t = TimeDecode(s, pp, ctx, quick ? 5 : 50);
+          std::printf("    sweep P %4d: %9.1f us  %6.0f GB/s\n", p, t,
+                      StepBytes(s.view, ctx) / (t * 1e-6) / 1e9);
+        }
+      }
+      FreeSetup(s);
+    }
+  }
+
+  std::printf("\n| context | format | partition | time (us) | GB/s | %% of D2D copy | time / fp16 |\n");
+  std::printf("|---:|---|---:|---:|---:|---:|---:|\n");
+  for (const Result& r : results) {
+    std::printf("| %d | %s | %d | %.1f | %.0f | %.1f%% | %.3f |\n", r.ctx, r.name.c_str(),
+                r.partition, r.us, r.gbps, 100 * r.frac, r.rel_fp16);
+  }
+  return 0;
+}

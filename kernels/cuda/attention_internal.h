@@ -1,0 +1,58 @@
+// Internal declarations shared by the kernel instance translation units and
+// the public launchers (kv_cache_cuda.cu). Not part of the API.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "kernels/cuda/kv_cache_cuda.h"
+
+namespace strata::cuda {
+
+// Query heads of one kv head handled by one thread block: the largest of
+// {8, 4, 2, 1} dividing the GQA group size.
+inline int HeadTile(int group) {
+  for (int g : {8, 4, 2}) {
+    if (group % g == 0) return g;
+  }
+  return 1;
+}
+
+struct DecodeLaunch {
+  AttentionArgs args;
+  DecodePlan plan;
+  float* part_out = nullptr;  // [num_seqs][num_heads][max_splits][head_dim]
+  float* part_ml = nullptr;   // [num_seqs][num_heads][max_splits][2]: max (log2 domain), sum
+};
+
+struct DecodeOp {
+  template <KvDtype D, KvScaleMode M, int HD>
+  static cudaError_t Run(const DecodeLaunch& launch, cudaStream_t stream);
+};
+
+struct PrefillOp {
+  template <KvDtype D, KvScaleMode M, int HD>
+  static cudaError_t Run(const AttentionArgs& args, int32_t max_new_tokens, cudaStream_t stream);
+};
+
+struct WriteOp {
+  template <KvDtype D, KvScaleMode M, int HD>
+  static cudaError_t Run(const KvCacheView& cache, const float* key, const float* value,
+                         const int64_t* slot_mapping, int32_t num_tokens, cudaStream_t stream);
+};
+
+// Raises a kernel's dynamic shared memory limit when `bytes` needs it
+// (> 48 KiB). `max_set` remembers the largest limit set for that kernel.
+cudaError_t EnsureDynamicSmem(const void* kernel, int bytes, std::atomic<int>* max_set);
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+inline int Log2Int(int v) {
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+
+}  // namespace strata::cuda

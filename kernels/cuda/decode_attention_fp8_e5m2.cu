@@ -1,0 +1,13 @@
+// Decode attention instances: fp8_e5m2 (one translation unit per dtype keeps the
+// build parallel; see kv_dispatch.h).
+#include "kernels/cuda/decode_attention.cuh"
+#include "kernels/cuda/kv_dispatch.h"
+
+namespace strata::cuda {
+
+STRATA_INSTANTIATE_OP(DecodeOp, KvDtype::kFp8E5M2, KvScaleMode::kNone,
+                      (const DecodeLaunch&, cudaStream_t))
+STRATA_INSTANTIATE_OP(DecodeOp, KvDtype::kFp8E5M2, KvScaleMode::kStatic,
+                      (const DecodeLaunch&, cudaStream_t))
+
+}  // namespace strata::cuda
