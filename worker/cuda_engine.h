@@ -1,0 +1,212 @@
+// The GPU engine: the LLaMA forward pass on CUDA over the paged, quantized KV
+// cache, at the speed of the memory.
+//
+// Weights live on the device in fp16 or bf16 (norms in fp32); the residual
+// stream is fp32. Per layer: RMSNorm -> fused QKV GEMM (cuBLAS, fp32 out) ->
+// RoPE fused with the quantizing cache write (kernels/cuda_ops) -> paged
+// attention (kernels/cuda: split-K decode, or prefill for mixed steps) ->
+// output projection accumulated into the residual (GEMM beta = 1) -> RMSNorm
+// -> fused gate/up GEMM -> SiLU*up -> down projection accumulated into the
+// residual. Logits for the requested rows only; sampling on the device, so a
+// decode step sends only token ids (and asked-for log-probs) to the host.
+// Decode-only steps replay CUDA graphs captured per (batch bucket, context
+// bucket); mixed prefill + decode steps run eagerly.
+//
+// Memory: weights, then one activation arena sized for max_num_tokens /
+// max_num_seqs / max_logit_rows, then the KV pools: with num_gpu_blocks == 0
+// the block count is floor(free device memory after weights and arena *
+// gpu_memory_utilization / bytes of one block across all layers). Every
+// CUDA/cuBLAS call is checked; errors come back as absl::Status.
+//
+// Threading: one engine is driven by one thread (the worker's engine thread);
+// all device work is on the engine's own stream.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/cuda_ops/cuda_ops.h"
+#include "kernels/kv_cache_view.h"
+#include "runtime/kv_quant_params.h"
+#include "runtime/weights.h"
+#include "worker/cuda_util.h"
+#include "worker/engine.h"
+
+namespace strata {
+
+struct CudaEngineOptions {
+  // kv_format, block_size, num_gpu_blocks (0 = from gpu_memory_utilization),
+  // num_cpu_blocks (pinned host swap blocks).
+  EngineOptions engine;
+  WeightDtype dtype = WeightDtype::kFp16;  // device weights: kFp16 or kBf16
+  double gpu_memory_utilization = 0.9;     // (0, 1]: share of the free memory for KV blocks
+  int32_t max_num_tokens = 4096;           // new tokens per step (prefill chunk budget)
+  int32_t max_num_seqs = 256;              // sequences per step
+  int32_t max_logit_rows = 256;            // LM-head rows per launch (longer kAll requests run in chunks)
+  // Decode batch sizes that get CUDA graphs (a decode step of n sequences
+  // replays the smallest bucket >= n, padded). Empty: always eager.
+  std::vector<int32_t> graph_batch_sizes = {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256};
+  int device = 0;
+};
+
+// Where the device memory went (bytes), measured at creation.
+struct CudaMemoryReport {
+  int64_t total = 0;             // cudaMemGetInfo total
+  int64_t weights = 0;           // device weights
+  int64_t arena = 0;             // activations, step inputs, workspaces
+  int64_t free_before_kv = 0;    // free after weights + arena
+  int64_t kv_bytes_per_block = 0;  // all layers
+  int64_t kv = 0;                // num_gpu_blocks * kv_bytes_per_block
+  int64_t free_after_kv = 0;
+  int64_t host_swap = 0;         // pinned host swap pool
+};
+
+class CudaEngine final : public Engine {
+ public:
+  // Real weights (host fp32, converted on upload). `quant_params` is required
+  // for static scale modes and ignored otherwise.
+  static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(
+      const ModelWeights& weights, const CudaEngineOptions& options,
+      std::optional<KvQuantParams> quant_params = std::nullopt);
+  // Random weights of `config`'s shape, generated on the device (--load-format dummy).
+  static absl::StatusOr<std::unique_ptr<CudaEngine>> CreateDummy(
+      const ModelConfig& config, const CudaEngineOptions& options, uint64_t seed,
+      std::optional<KvQuantParams> quant_params = std::nullopt);
+  ~CudaEngine() override;
+
+  const ModelConfig& config() const override { return config_; }
+  const EngineOptions& options() const override { return options_.engine; }
+  absl::Status Step(const StepInput& input, StepOutput* output) override;
+  bool SupportsSampling() const override { return true; }
+
+  const CudaEngineOptions& cuda_options() const { return options_; }
+  const CudaMemoryReport& memory() const { return memory_; }
+  cudaStream_t stream() const { return stream_; }
+  // One layer's device pool (tests and accuracy tools copy it back).
+  const KvCacheView& cache_view(int layer) const { return views_[layer]; }
+  int64_t kv_bytes_per_block() const { return memory_.kv_bytes_per_block; }
+  // Bytes of device weights one forward pass reads (all matrices + norms).
+  int64_t weight_bytes_read_per_step() const { return weight_bytes_read_; }
+  // Fills every slot of every layer with K/V drawn uniformly from
+  // [-range, range], written through the real quantizing cache write
+  // (benchmarks: never time on zeros).
+  absl::Status FillKvCacheRandom(uint64_t seed, float range = 3.0f);
+  // Number of CUDA graphs captured so far, and steps that replayed one.
+  int num_graphs() const { return static_cast<int>(graphs_.size()); }
+  int64_t graph_replays() const { return graph_replays_; }
+
+ private:
+  CudaEngine() = default;
+  struct Layer {
+    void* wqkv = nullptr;   // [q + 2kv][hidden]
+    void* wo = nullptr;     // [hidden][q]
+    void* wgu = nullptr;    // [2 * inter][hidden]: gate rows, then up rows
+    void* wdown = nullptr;  // [hidden][inter]
+    float* attn_norm = nullptr;
+    float* mlp_norm = nullptr;
+  };
+  // Per-step plan, in pinned host memory, mirrored by device arrays at fixed
+  // addresses (CUDA graphs read them).
+  struct StepArrays {
+    int32_t* tokens = nullptr;        // [max_num_tokens]
+    int32_t* positions = nullptr;     // [max_num_tokens]
+    int64_t* slots = nullptr;         // [max_num_tokens]
+    int32_t* query_start = nullptr;   // [max_num_seqs + 1]
+    int32_t* context_lens = nullptr;  // [max_num_seqs]
+    int32_t* block_tables = nullptr;  // [max_num_seqs][max_blocks_per_seq]
+    int32_t* logit_rows = nullptr;    // [max_num_tokens] token index of each logits row
+    cuda_ops::SampleParams* sample = nullptr;  // [max_num_seqs]
+    cuda_ops::SampleOut* sample_out = nullptr;  // [max_num_seqs]
+    int32_t* copy_src = nullptr;      // [max_num_seqs] block copies (CoW)
+    int32_t* copy_dst = nullptr;
+  };
+  // Host-side description of one step; its arrays are in host_ (pinned).
+  struct Plan {
+    int32_t num_seqs = 0;       // real sequences
+    int32_t padded_seqs = 0;    // sequences the kernels see (graph bucket, else num_seqs)
+    int32_t num_tokens = 0;     // real new tokens
+    int32_t padded_tokens = 0;  // tokens the kernels see
+    bool decode_only = false;   // one new token per sequence
+    bool use_graph = false;
+    int32_t max_new_tokens = 0;  // largest new-token count of a sequence
+    int32_t ctx_bucket = 0;      // decode: plan the split-K for contexts up to this
+    int32_t num_rows = 0;        // logits rows (host_.logit_rows)
+    int32_t num_sample = 0;      // sampled rows (host_.sample), in row order
+    std::vector<int32_t> sample_index;  // [num_seqs] index into the samples, or -1
+    std::vector<int32_t> sample_rows;   // [num_sample] logits row of each sample
+    std::vector<int32_t> host_row_begin;  // [num_seqs + 1] rows returned per sequence
+    std::vector<int32_t> host_rows;       // logits rows returned, in order
+  };
+
+  absl::Status Init(const ModelConfig& config, const CudaEngineOptions& options,
+                    std::optional<KvQuantParams> quant_params);
+  absl::Status AllocateWeights();
+  absl::Status UploadWeights(const ModelWeights& w);
+  absl::Status FillDummyWeights(uint64_t seed);
+  absl::Status AllocateArenaAndCache();
+  absl::Status Validate(const StepInput& input) const;
+  absl::Status ApplyBlockMoves(const StepInput& input);
+  absl::Status Upload(const Plan& plan);
+  // The forward pass over the plan's tokens (no host sync; graph-capturable).
+  absl::Status Forward(const Plan& plan);
+  absl::Status Gemm(const void* x, const void* w, void* y, bool y_fp32, int64_t m, int64_t n,
+                    int64_t k, bool accumulate);
+  // LM head + sampling for rows [row0, row0 + rows) of the plan.
+  absl::Status LogitsChunk(const Plan& plan, int32_t row0, int32_t rows, int32_t sample0,
+                           int32_t num_sample);
+  absl::Status RunDecodeGraph(const Plan& plan);
+  absl::Status Collect(const Plan& plan, const StepInput& input, StepOutput* output);
+
+  ModelConfig config_;
+  CudaEngineOptions options_;
+  CudaMemoryReport memory_;
+  cuda_ops::ActDtype act_ = cuda_ops::ActDtype::kFp16;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  int num_sms_ = 0;
+  int32_t max_blocks_per_seq_ = 0;
+  int64_t weight_bytes_read_ = 0;
+
+  std::vector<DeviceBuffer> weight_buffers_;
+  void* embed_ = nullptr;    // [vocab][hidden]
+  void* lm_head_ = nullptr;  // [vocab][hidden] (== embed_ when tied)
+  float* final_norm_ = nullptr;
+  std::vector<Layer> layers_;
+
+  DeviceBuffer arena_buf_;
+  DeviceBuffer host_staging_;  // pinned mirror of StepArrays
+  StepArrays dev_, host_;
+  float* rope_cos_ = nullptr;
+  float* rope_sin_ = nullptr;
+  float* x_ = nullptr;       // [max_num_tokens][hidden] residual, fp32
+  void* h_ = nullptr;        // [max_num_tokens][hidden] normed, T
+  float* qkv_ = nullptr;     // [max_num_tokens][q + 2kv] fp32
+  float* q_ = nullptr;       // [max_num_tokens][q] fp32 after RoPE
+  float* attn_ = nullptr;    // [max_num_tokens][q] fp32
+  void* attn_t_ = nullptr;   // [max_num_tokens][q] T
+  void* gu_ = nullptr;       // [max_num_tokens][2 * inter] T
+  void* act_buf_ = nullptr;  // [max_num_tokens][inter] T
+  void* hrows_ = nullptr;    // [max_logit_rows][hidden] T
+  float* logits_ = nullptr;  // [max_logit_rows][vocab] fp32
+  void* decode_ws_ = nullptr;
+  int64_t decode_ws_bytes_ = 0;
+  void* cublas_ws_ = nullptr;
+  int64_t cublas_ws_bytes_ = 0;
+
+  DeviceBuffer kv_pool_;     // [num_layers][num_gpu_blocks][block_bytes]
+  DeviceBuffer host_pool_;   // [num_layers][num_cpu_blocks][block_bytes], pinned
+  DeviceBuffer static_scales_;  // [num_layers][4][num_kv_heads] fp32
+  std::vector<KvCacheView> views_;
+
+  std::map<std::pair<int32_t, int32_t>, cudaGraphExec_t> graphs_;  // (batch, ctx bucket)
+  int64_t graph_replays_ = 0;
+  std::vector<float> host_logits_;  // staging for returned logits
+};
+
+}  // namespace strata
