@@ -95,8 +95,10 @@ def main(argv):
             fig.text(x + 0.005, y + h / 2, p["title"], color=TEXT, fontsize=13, va="center",
                      weight="bold")
             continue
+        # Room on the left for tick labels (timeseries), a small gap elsewhere.
+        left = 0.03 if p["type"] == "timeseries" else 0.004
         pad_x, pad_y = 0.004, 0.008
-        ax = fig.add_axes([x + pad_x, y + pad_y, w - 2 * pad_x, h - 2 * pad_y], facecolor=PANEL)
+        ax = fig.add_axes([x + left, y + pad_y, w - left - pad_x, h - 2 * pad_y], facecolor=PANEL)
         for s in ax.spines.values():
             s.set_color(GRID)
         unit = p.get("fieldConfig", {}).get("defaults", {}).get("unit", "short")

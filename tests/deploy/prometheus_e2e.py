@@ -21,7 +21,8 @@ exit (also on SIGINT/SIGTERM). Exit status 0 = pass. Prints 'N passed, N failed'
     /usr/bin/python3 tests/deploy/prometheus_e2e.py [--strata build/strata] [--model DIR]
         [--dump-range FILE]   # also save each panel's range query (for tools/render_dashboard.sh)
 
-Needs: Debian packages prometheus (prometheus + promtool), python3-grpcio, python3-grpc-tools.
+Needs: Debian packages prometheus (prometheus + promtool), protobuf-compiler (protoc),
+python3-protobuf, python3-grpcio, python3-yaml.
 """
 import argparse
 import concurrent.futures
@@ -139,7 +140,7 @@ def grpc_client(tmp, port):
     import grpc
     out = tmp / "py"
     out.mkdir()
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO.parent}",
+    subprocess.run(["protoc", f"-I{PROTO.parent}",
                     f"--python_out={out}", PROTO.name], check=True, cwd=PROTO.parent)
     sys.path.insert(0, str(out))
     import strata_v1_generation_pb2 as pb  # noqa: E402 (generated just above)
