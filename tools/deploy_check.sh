@@ -70,6 +70,9 @@ step "promtool check rules" promtool check rules deploy/prometheus/strata-rules.
 step "promtool check config (example scrape config)" promtool check config deploy/prometheus/prometheus.yml
 step "promtool test rules (alert unit tests)" promtool test rules tests/deploy/strata-rules.test.yml
 
+# ---- METRICS.md documents exactly the metrics scheduler/metrics.cc declares
+step "METRICS.md matches scheduler/metrics.cc" "$PY" tests/deploy/metrics_doc.py
+
 # ---- Grafana: the committed JSON is what the generator writes, and its queries parse
 step "dashboard JSON up to date" "$PY" deploy/grafana/build_dashboard.py --check
 check_dashboard_queries() {

@@ -13,7 +13,8 @@ then evaluates through Prometheus' HTTP API:
   rules must have produced series; an alert expression must evaluate, and with its numeric
   thresholds opened (`> 5` -> `> -Inf`) must return data, i.e. it watches series that exist and
   its joins match;
-* `promtool check config` on the generated config and `promtool check rules`.
+* `promtool check config` on the generated config and `promtool check rules`;
+* /metrics serves exactly the names documented in deploy/METRICS.md.
 
 Loopback only, bounded (about 60 s; hard limit --timeout), and everything it started is killed on
 exit (also on SIGINT/SIGTERM). Exit status 0 = pass. Prints 'N passed, N failed' at the end.
@@ -456,6 +457,14 @@ scrape_configs:
 
     # --- the values make sense: tokens were generated and requests finished by outcome
     counts = traffic.finish()
+    # After traffic (labelled series appear at first use): the served names are exactly the
+    # documented interface (deploy/METRICS.md).
+    r = subprocess.run([sys.executable, str(ROOT / "tests/deploy/metrics_doc.py"),
+                        f"http://127.0.0.1:{metrics_port}/metrics"], capture_output=True, text=True)
+    print(r.stdout, end="")
+    res.check(r.returncode == 0, "/metrics serves exactly the metrics of deploy/METRICS.md",
+              r.stderr)
+
     log(f"client outcomes: {counts}")
     res.check(counts.get("ok_stream", 0) + counts.get("ok_unary", 0) > 0, "requests succeeded",
               counts)
