@@ -15,6 +15,8 @@
 // -I proto first) currently writes the header to the top of the build tree;
 // accept both that and the intended "proto/..." location.
 #include "proto/sentencepiece_model.pb.h"
+#include "runtime/bpe_tokenizer.h"
+#include "runtime/gguf.h"
 #include "runtime/status_macros.h"
 
 namespace strata {
@@ -253,14 +255,98 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadLlama2c(
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromDirectory(const std::string& dir) {
+  namespace fs = std::filesystem;
   std::error_code ec;
-  const std::filesystem::path base(dir);
+  if (fs::is_regular_file(dir, ec) && fs::path(dir).extension() == ".gguf") return LoadFromGguf(dir);
+  const fs::path base(dir);
   const std::string model = (base / "tokenizer.model").string();
-  if (std::filesystem::exists(model, ec)) return LoadSentencePiece(model);
+  if (fs::exists(model, ec)) return LoadSentencePiece(model);
   const std::string bin = (base / "tokenizer.bin").string();
-  if (std::filesystem::exists(bin, ec)) return LoadLlama2c(bin);
-  return absl::NotFoundError(
-      absl::StrCat(dir, ": has neither tokenizer.model nor tokenizer.bin"));
+  if (fs::exists(bin, ec)) return LoadLlama2c(bin);
+  std::vector<fs::path> ggufs;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (e.path().extension() == ".gguf") ggufs.push_back(e.path());
+  }
+  if (ggufs.size() == 1) return LoadFromGguf(ggufs[0].string());
+  return absl::NotFoundError(absl::StrCat(
+      dir, ": has neither tokenizer.model nor tokenizer.bin (nor exactly one .gguf file)"));
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromGguf(const std::string& path) {
+  ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> f, GgufFile::Open(path));
+  ASSIGN_OR_RETURN(std::string model, f->GetString("tokenizer.ggml.model"));
+  if (model != "gpt2") {
+    return absl::UnimplementedError(absl::StrCat(
+        path, ": tokenizer.ggml.model '", model, "' is not supported (only byte-level BPE, 'gpt2')"));
+  }
+  std::string pre = "default";
+  if (f->Has("tokenizer.ggml.pre")) {
+    ASSIGN_OR_RETURN(pre, f->GetString("tokenizer.ggml.pre"));
+  }
+  bpe::ByteLevelOptions options;
+  if (pre == "smollm" || pre == "starcoder" || pre == "refact" || pre == "codeshell") {
+    options.split_digits = true;
+  } else if (pre == "gpt-2" || pre == "default") {
+    options.split_digits = false;
+  } else {
+    return absl::UnimplementedError(absl::StrCat(
+        path, ": pre-tokenizer '", pre, "' is not supported (smollm, starcoder, gpt-2, default)"));
+  }
+  ASSIGN_OR_RETURN(const std::vector<std::string>* tokens, f->GetStringArray("tokenizer.ggml.tokens"));
+  static const std::vector<std::string> kNoMerges;
+  const std::vector<std::string>* merges = &kNoMerges;
+  if (f->Has("tokenizer.ggml.merges")) {
+    ASSIGN_OR_RETURN(merges, f->GetStringArray("tokenizer.ggml.merges"));
+  }
+  const std::vector<int64_t>* types = nullptr;
+  if (f->Has("tokenizer.ggml.token_type")) {
+    ASSIGN_OR_RETURN(types, f->GetIntArray("tokenizer.ggml.token_type"));
+    if (types->size() != tokens->size()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": ", types->size(), " token types for ",
+                                                     tokens->size(), " tokens"));
+    }
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<bpe::ByteLevelBpe> encoder,
+                   bpe::ByteLevelBpe::Create(*tokens, *merges, options, path));
+  std::unique_ptr<Tokenizer> t(new Tokenizer());
+  const size_t n = tokens->size();
+  t->pieces_ = *tokens;
+  t->scores_.assign(n, 0.0f);
+  t->types_.assign(n, PieceType::kNormal);
+  t->byte_value_.assign(n, 0);
+  t->byte_to_id_.fill(-1);
+  for (size_t i = 0; i < n; ++i) {
+    int64_t type = types != nullptr ? (*types)[i] : 1;
+    if (type < 1 || type > 6) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": token ", i, " has unknown token_type ", type));
+    }
+    // Byte-level vocabularies have no byte-fallback pieces; every token is bytes.
+    if (type == static_cast<int64_t>(PieceType::kByte)) type = static_cast<int64_t>(PieceType::kNormal);
+    t->types_[i] = static_cast<PieceType>(type);
+    const bool reserved = t->types_[i] == PieceType::kControl || t->types_[i] == PieceType::kUnknown;
+    (reserved ? t->reserved_ : t->mergeable_).emplace((*tokens)[i], static_cast<int32_t>(i));
+  }
+  auto id_or = [&](const char* key, int32_t fallback) -> absl::StatusOr<int32_t> {
+    if (!f->Has(key)) return fallback;
+    ASSIGN_OR_RETURN(int64_t v, f->GetInt(key));
+    if (v < 0 || v >= static_cast<int64_t>(n)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": ", key, " = ", v, " is out of range"));
+    }
+    return static_cast<int32_t>(v);
+  };
+  ASSIGN_OR_RETURN(t->bos_id_, id_or("tokenizer.ggml.bos_token_id", -1));
+  ASSIGN_OR_RETURN(t->eos_id_, id_or("tokenizer.ggml.eos_token_id", -1));
+  ASSIGN_OR_RETURN(t->unk_id_, id_or("tokenizer.ggml.unknown_token_id", 0));
+  t->add_bos_ = false;
+  if (f->Has("tokenizer.ggml.add_bos_token")) {
+    ASSIGN_OR_RETURN(t->add_bos_, f->GetBool("tokenizer.ggml.add_bos_token"));
+  }
+  t->normalizer_ = {/*add_dummy_prefix=*/false, /*remove_extra_whitespaces=*/false,
+                    /*escape_whitespaces=*/false};
+  t->unk_surface_ = "\xEF\xBF\xBD";
+  t->bpe_ = std::move(encoder);
+  return t;
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(const std::string& source,
@@ -426,6 +512,7 @@ std::string Tokenizer::Normalize(std::string_view text) const {
 // symbols and a priority queue of candidate pairs. Stale queue entries are
 // recognized by their length no longer matching. O(n log n).
 std::vector<int32_t> Tokenizer::Encode(std::string_view text) const {
+  if (bpe_) return bpe_->Encode(text);
   std::vector<int32_t> ids;
   const std::string norm = Normalize(text);
   if (norm.empty()) return ids;
@@ -557,8 +644,27 @@ bool Tokenizer::AppendDecodedPiece(int32_t id, bool strip_leading_space, std::st
 // SentencePieceProcessor::Decode: runs of byte pieces are decoded together;
 // the dummy-prefix U+2581 is dropped from the first piece while the text is
 // still empty and no such space has been dropped yet.
+std::string_view Tokenizer::TokenBytes(int32_t id) const {
+  if (!bpe_ || id < 0 || id >= vocab_size() || IsControl(id)) return {};
+  return bpe_->TokenBytes(id);
+}
+
 std::string Tokenizer::Decode(const std::vector<int32_t>& ids) const {
   std::string text;
+  if (bpe_) {  // byte-level: concatenate the bytes, then repair malformed UTF-8
+    std::string bytes;
+    for (const int32_t id : ids) {
+      if (id < 0 || id >= vocab_size()) {
+        AppendBytesAsUtf8(bytes, &text);
+        bytes.clear();
+        text.append(unk_surface_);
+      } else {
+        bytes.append(TokenBytes(id));
+      }
+    }
+    AppendBytesAsUtf8(bytes, &text);
+    return text;
+  }
   std::string bytes;
   bool is_bos_ws = true;
   bool bos_ws_seen = false;
@@ -594,7 +700,15 @@ void StreamDecoder::DrainPending(bool at_end, std::string* out) {
 
 std::string StreamDecoder::Push(int32_t id) {
   std::string out;
-  if (tokenizer_.IsByte(id)) {
+  if (tokenizer_.byte_level()) {
+    if (id < 0 || id >= tokenizer_.vocab_size()) {
+      DrainPending(/*at_end=*/true, &out);
+      out.append("\xEF\xBF\xBD");
+    } else {
+      pending_.append(tokenizer_.TokenBytes(id));
+      DrainPending(/*at_end=*/false, &out);
+    }
+  } else if (tokenizer_.IsByte(id)) {
     pending_.push_back(static_cast<char>(tokenizer_.ByteValue(id)));
     DrainPending(/*at_end=*/false, &out);
   } else {

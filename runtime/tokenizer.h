@@ -1,4 +1,5 @@
-// Llama's SentencePiece BPE tokenizer, implemented here rather than linked.
+// Llama's SentencePiece BPE tokenizer, implemented here rather than linked,
+// and GGUF byte-level (GPT-2 style) BPE vocabularies (runtime/bpe_tokenizer.h).
 //
 // Why not libsentencepiece: Debian's library embeds its own protobuf 3.14
 // runtime and aborts or crashes in any process that also uses the system
@@ -35,6 +36,10 @@
 
 namespace strata {
 
+namespace bpe {
+class ByteLevelBpe;
+}
+
 class Tokenizer {
  public:
   // SentencePiece piece types; numbers as in sentencepiece_model.proto.
@@ -66,8 +71,18 @@ class Tokenizer {
   static absl::StatusOr<std::unique_ptr<Tokenizer>> LoadLlama2c(
       const std::string& path, std::optional<int32_t> expected_vocab_size = std::nullopt);
 
-  // Loads <dir>/tokenizer.model, else <dir>/tokenizer.bin; NOT_FOUND if
-  // neither exists.
+  // Loads the vocabulary of a GGUF model file (tokenizer.ggml.*). Supported:
+  // tokenizer.ggml.model "gpt2" (byte-level BPE: tokens, token_type, merges
+  // ranked by order) with tokenizer.ggml.pre "smollm" (and its aliases that
+  // split digits individually: "starcoder", "refact", "codeshell") or
+  // "gpt-2"/"default" (no digit split); others are UNIMPLEMENTED. Control
+  // tokens (token_type 3) are never produced by Encode and are invisible in
+  // Decode. bos/eos/unk ids and add_bos come from the file.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> LoadFromGguf(const std::string& path);
+
+  // Loads <dir>/tokenizer.model, else <dir>/tokenizer.bin, else the only
+  // *.gguf file in <dir>; `dir` may also be a .gguf file. NOT_FOUND if none
+  // exists.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> LoadFromDirectory(const std::string& dir);
 
   // Like Python's sp.encode(text): no BOS/EOS, dummy prefix, byte fallback.
@@ -89,6 +104,16 @@ class Tokenizer {
   int32_t bos_id() const { return bos_id_; }  // -1 if the model has none
   int32_t eos_id() const { return eos_id_; }  // -1 if the model has none
   int32_t unk_id() const { return unk_id_; }
+  // Whether a sequence should start with bos_id() (SentencePiece/llama2.c:
+  // true, Llama's convention; GGUF: tokenizer.ggml.add_bos_token, default
+  // false for byte-level vocabularies).
+  bool add_bos() const { return add_bos_; }
+  // True for GGUF byte-level BPE vocabularies. Their Piece() is the
+  // byte-level form ("\u0120the" for " the"); TokenBytes() gives the bytes.
+  bool byte_level() const { return bpe_ != nullptr; }
+  // The bytes token `id` decodes to, for byte-level vocabularies (empty for
+  // control tokens, out-of-range ids, or a SentencePiece vocabulary).
+  std::string_view TokenBytes(int32_t id) const;
 
   // The raw piece, with U+2581 for spaces; empty for an out-of-range id.
   std::string_view Piece(int32_t id) const;
@@ -161,6 +186,8 @@ class Tokenizer {
   int32_t unk_id_ = 0;
   int32_t bos_id_ = -1;
   int32_t eos_id_ = -1;
+  bool add_bos_ = true;
+  std::shared_ptr<const bpe::ByteLevelBpe> bpe_;  // set for byte-level vocabularies
 };
 
 // Incremental detokenizer for streaming one sequence. Push ids one at a time;

@@ -4,6 +4,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/gguf.h"
 #include "runtime/safetensors.h"
 #include "runtime/status_macros.h"
 
@@ -63,8 +64,10 @@ absl::StatusOr<ModelWeights> LoadModelWeights(const std::string& path) {
   if (!fs::exists(path, ec)) return absl::NotFoundError(absl::StrCat(path, ": no such file or directory"));
   if (fs::is_regular_file(path)) {
     if (fs::path(path).extension() == ".bin") return LoadLlama2cWeights(path);
+    if (fs::path(path).extension() == ".gguf") return LoadGgufWeights(path);
     return absl::InvalidArgumentError(absl::StrCat(
-        path, ": not a model directory (config.json + *.safetensors) or a llama2.c .bin file"));
+        path, ": not a model directory (config.json + *.safetensors), a llama2.c .bin file or a "
+              ".gguf file"));
   }
   if (fs::exists(fs::path(path) / "config.json")) return LoadHfWeights(path);
   std::vector<fs::path> bins;
