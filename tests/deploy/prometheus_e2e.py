@@ -52,6 +52,7 @@ RATE_INTERVAL = "15s"  # what Grafana's $__rate_interval gives for a 1 s scrape 
 JOB = "strata"
 
 CHILDREN = []  # Popen objects started here, killed in cleanup()
+STOP_TRAFFIC = threading.Event()  # set in cleanup(): client threads end with the test
 
 
 def log(msg):
@@ -73,6 +74,7 @@ def start(cmd, logfile):
 
 
 def cleanup():
+    STOP_TRAFFIC.set()
     for p in reversed(CHILDREN):
         if p.poll() is None:
             try:
@@ -177,7 +179,7 @@ class Traffic:
 
     def __init__(self, grpc, pb, channel, threads=4, deadline_s=45.0):
         self.grpc, self.pb, self.channel = grpc, pb, channel
-        self.stop = threading.Event()
+        self.stop = STOP_TRAFFIC
         self.deadline = time.time() + deadline_s
         self.counts = {}
         self.lock = threading.Lock()
@@ -308,10 +310,15 @@ def main():
     args = ap.parse_args()
 
     t0 = time.time()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGALRM, lambda *_: (log("hard time limit reached"), sys.exit(124)))
-    signal.alarm(int(args.timeout))
     res = Results()
+
+    def stop(what, code):
+        res.check(False, what)
+        sys.exit(code)
+
+    signal.signal(signal.SIGTERM, lambda *_: stop("interrupted (SIGTERM)", 143))
+    signal.signal(signal.SIGALRM, lambda *_: stop(f"hard time limit ({args.timeout:.0f} s)", 124))
+    signal.alarm(int(args.timeout))
     for tool in (args.strata, args.prometheus, args.promtool):
         if not os.access(tool, os.X_OK):
             log(f"missing executable {tool} (build strata; apt-get install prometheus)")
