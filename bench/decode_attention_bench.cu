@@ -11,7 +11,7 @@
 //
 // Usage: decode_attention_bench [--quick] [--sweep] [--ctx N] [--iters N] [--warmup N]
 //   --quick   fewer iterations (smoke test)
-//   --sweep   also time partition sizes 256..2048 at context 4096
+//   --sweep   also time partition sizes 256..2048 at contexts 512 and 4096
 //   --ctx N   only this context length (e.g. under a profiler)
 //   --iters N / --warmup N  timed / untimed calls per case
 #include <cuda_runtime.h>
@@ -333,7 +333,7 @@ int main(int argc, char** argv) {
                   ctx, fc.name, plan.partition_size, plan.max_splits, s.copies, us, gbps,
                   100 * gbps / copy_bw);
       std::fflush(stdout);
-      if (sweep && ctx == 4096) {
+      if (sweep && ctx != 32768) {
         for (int p : {256, 512, 1024, 2048}) {
           const auto pp = sc::PlanDecodeWithPartition(s.view, kBatch, kHeads, ctx, p);
           const double t = TimeDecode(s, pp, ctx, quick ? 5 : 50);

@@ -378,9 +378,20 @@ __global__ void __launch_bounds__(kDecodeThreads, 4) DecodeKernel(const DecodePa
   }
 }
 
+}  // namespace detail
+}  // namespace strata::cuda
+
+#include "kernels/cuda/decode_attention_mma.cuh"
+
+namespace strata::cuda {
+namespace detail {
+
 template <KvDtype D, KvScaleMode M, int HD, int G>
 cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
   using Cfg = DecodeCfg<D, HD, G>;
+  // 8-bit / 4-bit formats run on tensor cores when a 16-token tile lies in one block.
+  const bool use_mma = kMmaFormat<D> && l.args.cache.layout.block_size >= 16;
+  const int tokens_per_iter = use_mma ? 16 : Cfg::kTokensPerIter;
   const AttentionArgs& a = l.args;
   const int bs = a.cache.layout.block_size;
   const int group = a.num_heads / a.cache.layout.num_kv_heads;
@@ -400,17 +411,28 @@ cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
   p.partition = l.plan.partition_size;
   p.max_splits = l.plan.max_splits;
   p.log2_bs = Log2Int(bs);
-  p.logit_cap = (p.partition + Cfg::kTokensPerIter - 1) / Cfg::kTokensPerIter * Cfg::kTokensPerIter;
+  p.logit_cap = (p.partition + tokens_per_iter - 1) / tokens_per_iter * tokens_per_iter;
   p.region_floats = p.logit_cap * G > kDecodeWarps * G * HD ? p.logit_cap * G : kDecodeWarps * G * HD;
   p.q_scale = a.softmax_scale * kLog2e;
   const int blk_ints = (p.partition >> p.log2_bs) + 1;
   const int smem = (p.region_floats + blk_ints + 2 * G) * 4;
+  const dim3 grid(l.plan.max_splits, a.cache.layout.num_kv_heads * p.groups_per_kv,
+                  a.batch.num_seqs);
+  if constexpr (kMmaFormat<D>) {
+    if (use_mma) {
+      static std::atomic<int> max_set_mma{0};
+      auto kernel = DecodeMmaKernel<D, M, HD, G>;
+      cudaError_t err =
+          EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), smem, &max_set_mma);
+      if (err != cudaSuccess) return err;
+      kernel<<<grid, kMmaThreads, smem, stream>>>(p);
+      return cudaGetLastError();
+    }
+  }
   static std::atomic<int> max_set{0};
   auto kernel = DecodeKernel<D, M, HD, G>;
   cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), smem, &max_set);
   if (err != cudaSuccess) return err;
-  const dim3 grid(l.plan.max_splits, a.cache.layout.num_kv_heads * p.groups_per_kv,
-                  a.batch.num_seqs);
   kernel<<<grid, kDecodeThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

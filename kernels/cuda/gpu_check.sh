@@ -68,6 +68,14 @@ run() {
     --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,l1tex__t_sector_hit_rate.pct,dram__bytes_read.sum \
     "$BUNDLE/decode_attention_bench" --ctx 4096 --iters 1 --warmup 0 > "$out/ncu.csv" 2>&1
   echo "ncu rc=$?"
+  # Instruction mix of the int8 / int4 tensor-core decode kernels (hd 128, GQA 4).
+  for k in '_ZN6strata4cuda6detail15DecodeMmaKernelILNS_7KvDtypeE5ELNS_11KvScaleModeE2ELi128ELi4EEEvNS1_12DecodeParamsE' \
+           '_ZN6strata4cuda6detail15DecodeMmaKernelILNS_7KvDtypeE6ELNS_11KvScaleModeE2ELi128ELi4EEEvNS1_12DecodeParamsE'; do
+    echo "== $k"
+    cuobjdump -sass -arch sm_90a -fun "$k" "$BUNDLE/decode_attention_bench" |
+      grep -oE '^ +/\*[0-9a-f]{4}\*/ +[^;]*;' | sed -E 's@^ +/\*[0-9a-f]+\*/ +(@!?U?P[0-9T]+ +)?@@' |
+      awk '{print $1}' | sort | uniq -c | sort -rn | head -40
+  done > "$out/sass.txt" 2>&1
   echo "rc: tests=$test_rc memcheck=$mc_rc racecheck=$rc_rc bench=$bench_rc"
 }
 

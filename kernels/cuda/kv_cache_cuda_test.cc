@@ -82,10 +82,15 @@ std::string FormatName(KvFormat f) {
   return std::string(dtypes[static_cast<int>(f.dtype)]) + "_" + modes[static_cast<int>(f.scale_mode)];
 }
 
-// Relative L2 tolerance of GPU vs CPU attention over the same cache. Both are
-// fp32; integer formats fold the zero point per token (more cancellation).
+// Relative L2 tolerance of GPU vs CPU attention over the same (dequantized)
+// cache. Both compute in fp32 (the GPU's 8/4-bit path feeds tensor cores with
+// exact fp16 codes and hi+lo fp16 splits of the fp32 query and weights), so
+// the difference is fp32 rounding, amplified by the test data: rows scaled by
+// 4-8 give logits of tens and peaky softmaxes, where fp32 logit rounding alone
+// moves the CPU result ~1e-4 away from a float64 reference at 8K contexts
+// (measured). Integer formats add the per-token zero-point fold.
 double AttentionTolerance(KvFormat f) {
-  return KvDtypeIsInteger(f.dtype) ? 2e-4 : 5e-5;
+  return KvDtypeIsInteger(f.dtype) ? 6e-4 : 4e-4;
 }
 
 // A host cache (written by the CPU kernel) and its device mirror.
@@ -486,6 +491,41 @@ TEST(CudaKvExtra, OddGqaRatiosAndLongDecode) {
       EXPECT_LE(CompareAttention(st, st.d_out.Download(), want, heads, hd, &where),
                 AttentionTolerance(f))
           << FormatName(f) << " group " << group << " prefill, worst at " << where;
+    }
+  }
+}
+
+// Blocks smaller than a 16-token tile: the 8/4-bit formats fall back from the
+// tensor-core decode kernel to the CUDA-core one.
+TEST(CudaKvExtra, SmallBlocksUseTheCudaCoreDecodeKernel) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(7);
+  for (KvFormat f : {KvFormat{KvDtype::kInt8, KvScaleMode::kDynamic},
+                     KvFormat{KvDtype::kInt4, KvScaleMode::kDynamic},
+                     KvFormat{KvDtype::kFp8E4M3, KvScaleMode::kStatic}}) {
+    for (int bs : {4, 8}) {
+      const int kv_heads = 2, group = 4, heads = kv_heads * group, hd = 64;
+      const std::vector<SeqSpec> seqs = {{3000, 1}, {77, 1}, {9, 1}};
+      Caches c(f, bs, kv_heads, hd, BlocksNeeded(seqs, bs), 4.0f, rng);
+      Step st;
+      BuildStep(c, seqs, 0, heads, rng, st);
+      std::vector<float> want(st.q.size());
+      cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, 0.125f, want.data());
+      AttentionArgs a;
+      a.cache = c.dev;
+      a.batch = st.dev_batch;
+      a.query = st.d_q.get();
+      a.out = st.d_out.get();
+      a.num_heads = heads;
+      a.softmax_scale = 0.125f;
+      const DecodePlan plan = PlanDecodeWithPartition(c.dev, 3, heads, st.max_ctx, 512);
+      DeviceBuf<uint8_t> ws(plan.workspace_bytes);
+      ASSERT_CUDA(PagedDecodeAttention(a, plan, ws.get(), nullptr));
+      ASSERT_CUDA(cudaDeviceSynchronize());
+      std::string where;
+      EXPECT_LE(CompareAttention(st, st.d_out.Download(), want, heads, hd, &where),
+                AttentionTolerance(f))
+          << FormatName(f) << " block " << bs << ", worst at " << where;
     }
   }
 }
