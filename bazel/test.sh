@@ -24,11 +24,18 @@ fi
 
 # The same environment CMake's strata_cc_test() gives tests.
 data_dir=${STRATA_DATA_DIR:-$(realpath -m "$root/../shared/data")}
+# Optional fixtures the tests look up themselves, as under CTest: the
+# SmolLM2 GGUF (tools/fetch_smollm2.sh, under $HOME/.cache/strata unless
+# STRATA_MODEL_CACHE / STRATA_SMOLLM2_GGUF say otherwise) and the reference
+# Python venv (STRATA_REF_VENV / STRATA_REF_PYTHON). Bazel would otherwise
+# set HOME to the test's temporary directory and those tests would skip.
+passthrough=(HOME STRATA_MODEL_CACHE STRATA_SMOLLM2_GGUF STRATA_REF_PYTHON STRATA_REF_VENV)
+model_cache=${STRATA_MODEL_CACHE:-${HOME:-/nonexistent}/.cache/strata/models}
 # Test results are cached, and the fixtures live outside the workspace where
 # Bazel cannot see them change: fold their listing (names, sizes, mtimes) into
 # the test environment so a changed fixture re-runs the tests.
-data_stamp=$(find -L "$data_dir" -type f -printf '%P %s %T@\n' 2>/dev/null | sort | sha256sum |
-             cut -c1-16)
+data_stamp=$(find -L "$data_dir" "$model_cache" ${STRATA_SMOLLM2_GGUF:+"$STRATA_SMOLLM2_GGUF"} \
+                  -type f -printf '%p %s %T@\n' 2>/dev/null | sort | sha256sum | cut -c1-16)
 
 bazel_flags=(--jobs=2 --local_cpu_resources=2)
 # A server left from a run in another network namespace cannot be reached
@@ -64,4 +71,5 @@ exec bazel "${startup_flags[@]}" test "${bazel_flags[@]}" \
   --test_env=STRATA_SOURCE_DIR="$root" \
   --test_env=STRATA_BINARY_DIR="$root/bazel-bin" \
   --test_env=STRATA_DATA_STAMP="$data_stamp" \
+  "${passthrough[@]/#/--test_env=}" \
   "${targets[@]}"

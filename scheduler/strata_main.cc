@@ -1,9 +1,12 @@
 // `strata`: the command-line entry point.
 //
-//   strata generate --model DIR --prompt "Once upon a time"
+//   strata generate --model DIR --prompt "Once upon a time"     # offline, in-process
+//   strata serve --model DIR --port 50051                        # gRPC server (scheduler/server/)
+//   strata generate --server localhost:50051 --prompt "..."      # gRPC client, streams the text
+//   strata info --server localhost:50051                         # model, KV format, block usage
 //
-// Subcommands are added as the serving stack grows; each validates its flags
-// and reports bad input naming the flag or file.
+// Each subcommand validates its flags and reports bad input naming the flag
+// or file.
 #include <unistd.h>
 
 #include <chrono>
@@ -12,6 +15,9 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "scheduler/server/client.h"
+#include "scheduler/server/serve.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 #include "worker/offline_generator.h"
 
@@ -65,6 +71,35 @@ int RunGenerate(const OfflineOptions& opts, const std::string& prompt, int max_t
   return 0;
 }
 
+v1::GenerateRequest RemoteRequest(const std::string& prompt, int max_tokens,
+                                  const SamplingParams& sampling, bool ignore_eos, bool no_bos,
+                                  const std::vector<std::string>& stop,
+                                  const std::vector<int32_t>& stop_token_ids) {
+  v1::GenerateRequest r;
+  r.set_text(prompt);
+  if (no_bos) r.set_add_bos(false);
+  v1::SamplingParams* s = r.mutable_sampling();
+  s->set_max_tokens(max_tokens);
+  s->set_temperature(sampling.temperature);
+  s->set_top_k(sampling.top_k);
+  s->set_top_p(sampling.top_p);
+  s->set_seed(sampling.seed);
+  s->set_ignore_eos(ignore_eos);
+  for (const std::string& x : stop) s->add_stop(x);
+  for (int32_t id : stop_token_ids) s->add_stop_token_ids(id);
+  return r;
+}
+
+void AddClientFlags(CLI::App* app, serving::ClientOptions* c) {
+  app->add_option("--auth-token-file", c->auth_token_file, "File with the server's bearer token");
+  app->add_flag("--tls", c->tls, "Connect with TLS (system root certificates)");
+  app->add_option("--tls-ca-file", c->tls_ca_file, "PEM root certificate(s) to trust (implies --tls)");
+  app->add_option("--wait-ready", c->wait_ready_s,
+                  "Wait up to this many seconds for the server to finish loading")
+      ->capture_default_str();
+  app->add_option("--timeout", c->timeout_s, "Deadline of the call in seconds")->capture_default_str();
+}
+
 }  // namespace
 }  // namespace strata
 
@@ -97,8 +132,75 @@ int main(int argc, char** argv) {
   gen->add_option("--block-size", opts.block_size, "Tokens per KV block")->capture_default_str();
   gen->add_flag("--ignore-eos", ignore_eos, "Do not stop at end-of-sequence tokens");
   gen->add_flag("--no-bos", no_bos, "Do not prepend the BOS token");
+  // With --server, generate through a running `strata serve` instead of in-process.
+  serving::ClientOptions client;
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  gen->add_option("--server", client.server,
+                  "host:port of a `strata serve` to stream from (otherwise runs in-process)");
+  gen->add_option("--stop", stop, "Stop string (with --server; repeatable)");
+  gen->add_option("--stop-token-id", stop_token_ids, "Stop token id (with --server; repeatable)");
+  AddClientFlags(gen, &client);
+
+  serving::ServeOptions serve;
+  serving::EngineConfig& e = serve.engine;
+  e.model_path = DefaultModelPath();
+  CLI::App* srv = app.add_subcommand("serve", "Serve the strata.v1.Generation gRPC API");
+  srv->add_option("--model", e.model_path, "Model directory or llama2.c .bin")->capture_default_str();
+  srv->add_option("--tp", e.tp, "Tensor-parallel size (only 1 until worker processes are integrated)")
+      ->capture_default_str();
+  srv->add_option("--device", e.device, "cpu or cuda")->capture_default_str();
+  srv->add_option("--kv-cache-dtype", e.kv_cache_dtype,
+                  "auto, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int8, int4")->capture_default_str();
+  srv->add_option("--kv-scale-mode", e.kv_scale_mode, "none, static, dynamic (default per dtype)");
+  srv->add_option("--kv-quant-params-path", e.kv_quant_params_path, "Static KV scales (JSON)");
+  srv->add_option("--swap-space", e.swap_space_gib, "CPU swap space for preempted sequences, GiB")
+      ->capture_default_str();
+  srv->add_option("--gpu-memory-utilization", e.gpu_memory_utilization,
+                  "Share of free memory for the KV cache (--device cpu: of MemAvailable, unless "
+                  "--kv-cache-memory is given)")->capture_default_str();
+  srv->add_option("--kv-cache-memory", e.kv_cache_memory_gib,
+                  "--device cpu: KV cache size in GiB (0 = derive from --gpu-memory-utilization)")
+      ->capture_default_str();
+  srv->add_option("--block-size", e.block_size, "Tokens per KV block")->capture_default_str();
+  srv->add_option("--max-num-seqs", e.max_num_seqs, "Sequences running at once")->capture_default_str();
+  srv->add_option("--max-model-len", e.max_model_len, "Prompt + output tokens (0 = model context)")
+      ->capture_default_str();
+  srv->add_option("--max-num-batched-tokens", serve.max_num_batched_tokens, "Tokens per engine step")
+      ->capture_default_str();
+  srv->add_option("--preemption-mode", serve.preemption_mode, "recompute, swap or auto")
+      ->capture_default_str();
+  srv->add_option("--max-queued-requests", serve.max_queued_requests,
+                  "Requests waiting beyond --max-num-seqs before RESOURCE_EXHAUSTED")
+      ->capture_default_str();
+  srv->add_flag("!--no-prefix-caching", serve.enable_prefix_caching, "Disable prefix caching");
+  srv->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
+  srv->add_option("--port", serve.port, "gRPC port (0 = pick a free one)")->capture_default_str();
+  srv->add_option("--metrics-port", serve.metrics_port, "Prometheus /metrics port (0 = off)")
+      ->capture_default_str();
+  srv->add_option("--tls-cert-file", serve.tls_cert_file, "PEM certificate chain (enables TLS)");
+  srv->add_option("--tls-key-file", serve.tls_key_file, "PEM private key");
+  srv->add_option("--auth-token-file", serve.auth_token_file,
+                  "Require `authorization: Bearer <token>` with the token in this file");
+  srv->add_option("--max-request-bytes", serve.max_request_bytes,
+                  "Largest request (and prompt text) accepted")->capture_default_str();
+  srv->add_option("--shutdown-grace", serve.shutdown_grace_s,
+                  "Seconds in-flight requests get to finish on SIGINT/SIGTERM")->capture_default_str();
+
+  serving::ClientOptions info_client;
+  CLI::App* info = app.add_subcommand("info", "Print a server's model, KV format and block usage");
+  info->add_option("--server", info_client.server, "host:port of a `strata serve`")->required();
+  AddClientFlags(info, &info_client);
 
   CLI11_PARSE(app, argc, argv);
+  // Logs go to stderr; stdout carries generated text and the serve ready line.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("strata"));
+  if (*gen && !client.server.empty()) {
+    return serving::RunRemoteGenerate(
+        client, RemoteRequest(prompt, max_tokens, sampling, ignore_eos, no_bos, stop, stop_token_ids));
+  }
   if (*gen) return RunGenerate(opts, prompt, max_tokens, sampling, ignore_eos, no_bos);
+  if (*srv) return serving::RunServe(serve);
+  if (*info) return serving::RunRemoteInfo(info_client);
   return 0;
 }

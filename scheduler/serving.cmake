@@ -1,0 +1,45 @@
+# Serving: the strata.v1 gRPC API (`strata serve`, `strata generate --server`,
+# `strata info`) and its tests. include()d at the end of
+# scheduler/CMakeLists.txt. Paths are relative to this file.
+set(STRATA_SERVER_DIR ${CMAKE_CURRENT_LIST_DIR}/server)
+
+# Request handling without gRPC: validation, text helpers, the engine thread.
+add_library(strata_serving_core STATIC
+  ${STRATA_SERVER_DIR}/serving_engine.cc
+  ${STRATA_SERVER_DIR}/request_validation.cc
+  ${STRATA_SERVER_DIR}/text_util.cc)
+target_link_libraries(strata_serving_core PUBLIC strata_engine_loop strata_metrics strata_tokenizer
+                      strata_proto_v1_generation absl::synchronization spdlog::spdlog)
+target_include_directories(strata_serving_core PUBLIC ${CMAKE_SOURCE_DIR})
+
+# The server process and the client commands.
+add_library(strata_serving STATIC
+  ${STRATA_SERVER_DIR}/generation_service.cc
+  ${STRATA_SERVER_DIR}/serve.cc
+  ${STRATA_SERVER_DIR}/model_loader.cc
+  ${STRATA_SERVER_DIR}/load_progress.cc
+  ${STRATA_SERVER_DIR}/client.cc)
+target_link_libraries(strata_serving PUBLIC strata_serving_core strata_cpu_engine strata_model_io
+                      strata_block_manager gRPC::grpc++ gRPC::grpc++_reflection
+                      Threads::Threads)
+
+target_link_libraries(strata PRIVATE strata_serving)
+
+strata_cc_test(serving_unit_test
+  SRCS ${CMAKE_SOURCE_DIR}/tests/serving_unit_test.cc
+  DEPS strata_serving_core strata_serving strata_test_data
+  LABELS serving)
+
+# End to end: the built `strata serve` as a subprocess on loopback, driven by
+# C++ gRPC clients.
+add_library(strata_serving_test_util STATIC ${CMAKE_SOURCE_DIR}/tests/serving_test_util.cc)
+target_link_libraries(strata_serving_test_util PUBLIC gRPC::grpc++)
+target_include_directories(strata_serving_test_util PUBLIC ${CMAKE_SOURCE_DIR})
+target_compile_definitions(strata_serving_test_util PRIVATE STRATA_CLI_PATH="$<TARGET_FILE:strata>")
+foreach(t serving_e2e_test serving_process_test)
+  strata_cc_test(${t}
+    SRCS ${CMAKE_SOURCE_DIR}/tests/${t}.cc
+    DEPS strata_serving_test_util strata_proto_v1_generation strata_test_data
+    LABELS serving)
+  add_dependencies(${t} strata)
+endforeach()

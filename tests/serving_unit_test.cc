@@ -1,0 +1,158 @@
+// Serving pieces without a server: UTF-8 validation, stop-string matching
+// over streamed deltas, request validation (field names in messages), chunk
+// merging.
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "scheduler/server/generation_service.h"
+#include "scheduler/server/request_validation.h"
+#include "scheduler/server/text_util.h"
+#include "tests/test_data.h"
+
+namespace strata::serving {
+namespace {
+
+TEST(FindInvalidUtf8, AcceptsWellFormedAndFindsTheFirstBadByte) {
+  EXPECT_EQ(FindInvalidUtf8(""), std::nullopt);
+  EXPECT_EQ(FindInvalidUtf8("plain ascii"), std::nullopt);
+  EXPECT_EQ(FindInvalidUtf8("caf\xC3\xA9 \xF0\x9F\x90\xB6 \xE2\x82\xAC"), std::nullopt);
+  EXPECT_EQ(FindInvalidUtf8("ab\xFF"), 2u);
+  EXPECT_EQ(FindInvalidUtf8("a\x80"), 1u);                  // lone continuation byte
+  EXPECT_EQ(FindInvalidUtf8("a\xC3"), 1u);                  // truncated
+  EXPECT_EQ(FindInvalidUtf8("\xC0\xAF"), 0u);               // overlong '/'
+  EXPECT_EQ(FindInvalidUtf8("\xE0\x80\xAF"), 0u);           // overlong
+  EXPECT_EQ(FindInvalidUtf8("x\xED\xA0\x80"), 1u);          // surrogate
+  EXPECT_EQ(FindInvalidUtf8("\xF4\x90\x80\x80"), 0u);       // above U+10FFFF
+  EXPECT_EQ(FindInvalidUtf8("\xE2\x82"), 0u);
+  EXPECT_EQ(FindInvalidUtf8(std::string("a\0b", 3)), std::nullopt);
+}
+
+// Feeds `deltas` and returns everything emitted plus the index matched.
+std::pair<std::string, std::optional<size_t>> Feed(std::vector<std::string> stops,
+                                                  const std::vector<std::string>& deltas) {
+  StopStringMatcher m(std::move(stops));
+  std::string out;
+  std::optional<size_t> matched;
+  for (const std::string& d : deltas) {
+    StopStringMatcher::Result r = m.Push(d);
+    out += r.text;
+    if (r.matched) matched = r.matched;
+  }
+  out += m.Flush();
+  return {out, matched};
+}
+
+TEST(StopStringMatcher, CutsBeforeTheFirstStopAcrossDeltas) {
+  using Out = std::pair<std::string, std::optional<size_t>>;
+  EXPECT_EQ(Feed({}, {"a", "b"}), Out("ab", std::nullopt));
+  EXPECT_EQ(Feed({"."}, {"Hello", " world", ". More"}), Out("Hello world", 0));
+  // Split across deltas.
+  EXPECT_EQ(Feed({"END"}, {"abc E", "N", "D tail"}), Out("abc ", 0));
+  // A prefix that does not complete is released.
+  EXPECT_EQ(Feed({"END"}, {"abc EN", "x"}), Out("abc ENx", std::nullopt));
+  // Held-back prefix released at the end.
+  EXPECT_EQ(Feed({"END"}, {"abc EN"}), Out("abc EN", std::nullopt));
+  // Earliest occurrence wins, whichever stop string it is.
+  EXPECT_EQ(Feed({"world", "lo"}, {"hello world"}), Out("hel", 1));
+  // Overlapping prefixes: "aab" in "aaab".
+  EXPECT_EQ(Feed({"aab"}, {"a", "a", "a", "b", "c"}), Out("a", 0));
+  // Nothing after a match.
+  StopStringMatcher m({"x"});
+  EXPECT_TRUE(m.Push("1x2").matched);
+  EXPECT_EQ(m.Push("3").text, "");
+  EXPECT_EQ(m.Flush(), "");
+}
+
+TEST(StopStringMatcher, EmitsOnlyWholeCharacters) {
+  // The held suffix starts where a stop string starts, so multi-byte
+  // characters are never split.
+  const auto [out, matched] = Feed({"\xC3\xA9t\xC3\xA9"}, {"caf\xC3\xA9", " \xC3\xA9", "t\xC3\xA9!"});
+  EXPECT_EQ(out, "caf\xC3\xA9 ");
+  EXPECT_EQ(matched, 0u);
+}
+
+class ValidationTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto t = Tokenizer::LoadFromDirectory(testing::DataPath("models/stories15M"));
+    ASSERT_TRUE(t.ok()) << t.status();
+    tokenizer_ = std::move(*t);
+    limits_.vocab_size = 32000;
+    limits_.max_context = 256;
+  }
+  absl::StatusOr<ServingRequest> Validate(const v1::GenerateRequest& r) {
+    return ValidateGenerateRequest(r, *tokenizer_, limits_);
+  }
+  std::unique_ptr<Tokenizer> tokenizer_;
+  RequestLimits limits_;
+};
+
+TEST_F(ValidationTest, TextPromptDefaults) {
+  v1::GenerateRequest r;
+  r.set_text("Once upon a time");
+  absl::StatusOr<ServingRequest> v = Validate(r);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->prompt, (std::vector<int32_t>{1, 9038, 2501, 263, 931}));
+  EXPECT_EQ(v->max_tokens, 256 - 5) << "default: the rest of the context";
+  EXPECT_EQ(v->sampling.temperature, 0.0f);
+  EXPECT_EQ(v->stop_token_ids, (std::vector<int32_t>{2, 1})) << "EOS and BOS stop by default";
+  EXPECT_EQ(v->num_logprobs, -1);
+  r.set_add_bos(false);
+  r.mutable_sampling()->set_ignore_eos(true);
+  r.mutable_sampling()->add_stop_token_ids(13);
+  v = Validate(r);
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(v->prompt.front(), 9038);
+  EXPECT_EQ(v->stop_token_ids, (std::vector<int32_t>{13}));
+}
+
+TEST_F(ValidationTest, MessagesNameTheField) {
+  struct Case {
+    std::function<void(v1::GenerateRequest*)> edit;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {[](auto* r) { r->mutable_sampling()->set_top_p(2.0f); },
+       "sampling.top_p must be in (0, 1], got 2"},
+      {[](auto* r) { r->mutable_sampling()->set_temperature(-1.0f); },
+       "sampling.temperature must be a finite number >= 0, got -1"},
+      {[](auto* r) { r->mutable_sampling()->set_max_tokens(0); },
+       "sampling.max_tokens must be >= 1, got 0"},
+      {[](auto* r) { r->mutable_sampling()->set_max_tokens(252); },
+       "sampling.max_tokens = 252 with a 5-token prompt exceeds the context of 256 tokens (at most "
+       "251)"},
+      {[](auto* r) { r->mutable_sampling()->add_stop_token_ids(32000); },
+       "sampling.stop_token_ids[0] = 32000 is not a token id (vocabulary [0, 32000))"},
+      {[](auto* r) { r->set_text("\xFF"); }, "prompt.text is not valid UTF-8 (byte offset 0)"},
+      {[](auto* r) { r->set_text(""); }, "prompt.text is empty"},
+  };
+  for (const Case& c : cases) {
+    v1::GenerateRequest r;
+    r.set_text("Once upon a time");
+    c.edit(&r);
+    const absl::StatusOr<ServingRequest> v = Validate(r);
+    EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument) << c.message;
+    EXPECT_EQ(v.status().message(), c.message);
+  }
+}
+
+TEST(MergeChunk, ConcatenatesAndKeepsFinishFields) {
+  v1::GenerateResponse a, b;
+  a.add_token_ids(1);
+  a.set_text("x");
+  b.add_token_ids(2);
+  b.set_text("y");
+  b.set_finish_reason(v1::FINISH_REASON_STOP);
+  b.set_stop_string(".");
+  b.mutable_usage()->set_completion_tokens(2);
+  MergeChunk(&a, std::move(b));
+  EXPECT_EQ(a.token_ids_size(), 2);
+  EXPECT_EQ(a.text(), "xy");
+  EXPECT_EQ(a.finish_reason(), v1::FINISH_REASON_STOP);
+  EXPECT_EQ(a.stop_string(), ".");
+  EXPECT_EQ(a.usage().completion_tokens(), 2);
+}
+
+}  // namespace
+}  // namespace strata::serving
