@@ -6,7 +6,7 @@ them) and runs with /usr/bin/python3. The stubs are generated at run time from
 proto/strata_v1_generation.proto into a temporary directory; nothing generated
 is committed.
 
-    build/strata serve --port 50051 &
+    build/scheduler/strata serve --port 50051 &
     /usr/bin/python3 examples/python_client.py --server localhost:50051 \
         --prompt "Once upon a time" --max-tokens 40
 """
