@@ -32,8 +32,37 @@ uint8_t* AllocPool(int64_t bytes) {
 void CpuEngine::AlignedFree::operator()(uint8_t* p) const { std::free(p); }
 
 absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
-    ModelWeights weights, const EngineOptions& options, std::optional<KvQuantParams> quant_params) {
+    ModelWeights weights, const EngineOptions& options, std::optional<KvQuantParams> quant_params,
+    const CpuShardOptions& shard) {
   const ModelConfig& c = weights.config;
+  ASSIGN_OR_RETURN(const ShardDims dims, ComputeShardDims(c, shard.shard));
+  if (shard.shard.sharded() &&
+      (shard.collectives == nullptr || shard.collectives->world_size() != shard.shard.world_size ||
+       shard.collectives->rank() != shard.shard.rank)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rank ", shard.shard.rank, " of ", shard.shard.world_size,
+        " needs collectives of the same rank and size"));
+  }
+  {
+    // The weights must be this shard's.
+    const int64_t h = c.hidden_size, hd = c.head_dim;
+    const int64_t q = dims.num_heads * hd, kv = dims.num_kv_heads * hd, f = dims.intermediate;
+    auto n = [](const std::vector<float>& v) { return static_cast<int64_t>(v.size()); };
+    if (static_cast<int32_t>(weights.layers.size()) != c.num_layers) {
+      return absl::InvalidArgumentError("weights have a different layer count than their config");
+    }
+    for (const LayerWeights& lw : weights.layers) {
+      if (n(lw.wq) != q * h || n(lw.wk) != kv * h || n(lw.wv) != kv * h || n(lw.wo) != h * q ||
+          n(lw.w_gate) != f * h || n(lw.w_up) != f * h || n(lw.w_down) != h * f) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "weights do not match shard ", shard.shard.rank, "/", shard.shard.world_size,
+            " of the model (slice them with SliceWeights or load with LoadShardWeights)"));
+      }
+    }
+    if (shard.compute_logits && weights.lm_head.empty() && !c.tie_word_embeddings) {
+      return absl::InvalidArgumentError("computing logits needs the LM head (lm_head is empty)");
+    }
+  }
   if (!KvFormatSupported(options.kv_format)) {
     return absl::UnimplementedError(
         absl::StrCat("KV cache format ", KvFormatName(options.kv_format), " is not supported"));
@@ -51,7 +80,9 @@ absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
   }
   auto e = std::unique_ptr<CpuEngine>(new CpuEngine());
   e->options_ = options;
-  e->layout_ = MakeKvBlockLayout(options.kv_format, bs, c.num_kv_heads, c.head_dim);
+  e->shard_ = shard;
+  e->dims_ = dims;
+  e->layout_ = MakeKvBlockLayout(options.kv_format, bs, dims.num_kv_heads, c.head_dim);
   const int64_t pool_bytes = int64_t{e->layout_.block_bytes} * options.num_gpu_blocks;
   if (int64_t{e->layout_.block_bytes} * bs > (int64_t{1} << 31)) {
     return absl::InvalidArgumentError("KV block too large for 32-bit offsets");
@@ -64,6 +95,7 @@ absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
     }
     RETURN_IF_ERROR(CheckKvQuantParams(*quant_params, options.kv_format, c.num_layers,
                                        c.num_kv_heads, "--kv-quant-params-path"));
+    if (shard.shard.sharded()) quant_params = SliceKvQuantParams(*quant_params, dims);
     e->quant_params_ = std::move(quant_params);
   }
 
@@ -96,14 +128,14 @@ absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
     KvCacheViewOptions vo;
     vo.format = options.kv_format;
     vo.block_size = bs;
-    vo.num_kv_heads = c.num_kv_heads;
+    vo.num_kv_heads = dims.num_kv_heads;
     vo.head_dim = c.head_dim;
     vo.pool = e->gpu_pool_.back().get();
     vo.num_blocks = options.num_gpu_blocks;
     if (e->quant_params_) {
       auto& s = e->static_scales_[l];
       const KvQuantParams& p = *e->quant_params_;
-      const int32_t H = c.num_kv_heads;
+      const int32_t H = dims.num_kv_heads;
       s.resize(4 * H);
       std::copy(p.k_scale[l].begin(), p.k_scale[l].end(), s.begin());
       std::copy(p.k_zero[l].begin(), p.k_zero[l].end(), s.begin() + H);
@@ -193,7 +225,8 @@ void CpuEngine::ApplyBlockMoves(const StepInput& input) {
 void CpuEngine::EnsureScratch(int64_t tokens) {
   if (tokens <= scratch_tokens_) return;
   const ModelConfig& c = weights_.config;
-  const int64_t d = c.hidden_size, q = c.q_size(), kv = c.kv_size(), f = c.intermediate_size;
+  const int64_t d = c.hidden_size, q = int64_t{dims_.num_heads} * c.head_dim;
+  const int64_t kv = int64_t{dims_.num_kv_heads} * c.head_dim, f = dims_.intermediate;
   x_.resize(tokens * d);
   h_.resize(tokens * d);
   qkv_.resize(tokens * (q + 2 * kv));
@@ -203,14 +236,31 @@ void CpuEngine::EnsureScratch(int64_t tokens) {
   attn_.resize(tokens * q);
   gu_.resize(tokens * 2 * f);
   act_.resize(tokens * f);
+  if (shard_.shard.sharded()) partial_.resize(tokens * d);
   scratch_tokens_ = tokens;
+}
+
+absl::Status CpuEngine::RowParallelAccumulate(const float* y, const float* w, float* x,
+                                              int64_t tokens, int64_t in_features) {
+  const int64_t d = weights_.config.hidden_size;
+  if (!shard_.shard.sharded()) {
+    cpu::Linear(y, w, x, tokens, d, in_features, /*accumulate=*/true);
+    return absl::OkStatus();
+  }
+  cpu::Linear(y, w, partial_.data(), tokens, d, in_features);
+  RETURN_IF_ERROR(shard_.collectives->AllReduceSum(partial_.data(), tokens * d));
+  cpu::AddInPlace(x, partial_.data(), tokens * d);
+  return absl::OkStatus();
 }
 
 absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
   RETURN_IF_ERROR(Validate(input));
   ApplyBlockMoves(input);
   const ModelConfig& c = weights_.config;
-  const int64_t d = c.hidden_size, q = c.q_size(), kv = c.kv_size(), f = c.intermediate_size;
+  // This shard's sizes (the whole model's when unsharded).
+  const int32_t heads = dims_.num_heads, kv_heads = dims_.num_kv_heads;
+  const int64_t d = c.hidden_size, q = int64_t{heads} * c.head_dim;
+  const int64_t kv = int64_t{kv_heads} * c.head_dim, f = dims_.intermediate;
   const int32_t bs = options_.block_size;
   const int32_t n = static_cast<int32_t>(input.seqs.size());
 
@@ -258,12 +308,12 @@ absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
       std::memcpy(k_.data() + t * kv, row + q, sizeof(float) * kv);
       std::memcpy(v_.data() + t * kv, row + q + kv, sizeof(float) * kv);
     }
-    cpu::ApplyRope(q_.data(), positions.data(), T, c.num_heads, c.head_dim, rope_);
-    cpu::ApplyRope(k_.data(), positions.data(), T, c.num_kv_heads, c.head_dim, rope_);
+    cpu::ApplyRope(q_.data(), positions.data(), T, heads, c.head_dim, rope_);
+    cpu::ApplyRope(k_.data(), positions.data(), T, kv_heads, c.head_dim, rope_);
     if (observer_) observer_(l, q_.data(), k_.data(), v_.data(), T);
     cpu::WriteKvCache(views_[l], k_.data(), v_.data(), slots.data(), static_cast<int32_t>(T));
-    cpu::PagedAttention(views_[l], batch, q_.data(), c.num_heads, softmax_scale, attn_.data());
-    cpu::Linear(attn_.data(), lw.wo.data(), x, T, d, q, /*accumulate=*/true);
+    cpu::PagedAttention(views_[l], batch, q_.data(), heads, softmax_scale, attn_.data());
+    RETURN_IF_ERROR(RowParallelAccumulate(attn_.data(), lw.wo.data(), x, T, q));
 
     cpu::RmsNorm(x, lw.mlp_norm.data(), h, T, d, c.rms_norm_eps);
     cpu::Linear(h, wgateup_[l].data(), gu_.data(), T, 2 * f, d);
@@ -271,7 +321,7 @@ absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
       const float* row = gu_.data() + t * 2 * f;
       cpu::SiluMul(row, row + f, act_.data() + t * f, f);
     }
-    cpu::Linear(act_.data(), lw.w_down.data(), x, T, d, f, /*accumulate=*/true);
+    RETURN_IF_ERROR(RowParallelAccumulate(act_.data(), lw.w_down.data(), x, T, f));
   }
 
   // Logits for the requested rows only.
@@ -286,6 +336,7 @@ absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
     }
     output->row_begin[i + 1] = static_cast<int32_t>(rows.size());
   }
+  if (!shard_.compute_logits) rows.clear(), output->row_begin.assign(n + 1, 0);
   const int64_t R = static_cast<int64_t>(rows.size());
   output->logits.resize(R * c.vocab_size);
   if (R > 0) {

@@ -1,0 +1,208 @@
+// Tensor parallelism end to end on the CPU: the scheduler (EngineLoop) drives
+// two real strata-worker processes (fork/exec, loopback gRPC control plane,
+// Gloo all-reduce between them) holding 3 of stories15M's 6 heads each.
+// Greedy outputs must equal the golden outputs and an in-process tp=1 run,
+// with the fp32 cache (under swap preemption, so swap lists cross the wire
+// too) and with the int8 cache.
+#include <signal.h>
+
+#include <cstdio>
+#include <map>
+
+#include "gtest/gtest.h"
+#include "runtime/weights.h"
+#include "scheduler/engine_loop.h"
+#include "scheduler/worker_pool.h"
+#include "tests/test_data.h"
+#include "worker/cpu_engine.h"
+
+namespace strata {
+namespace {
+
+constexpr absl::Duration kRunLimit = absl::Seconds(150);  // per generation run
+
+struct Run {
+  std::map<int64_t, std::vector<int32_t>> outputs;  // by request id (= golden case index)
+  SchedulerStats stats;
+  int steps = 0;
+  double seconds = 0;
+};
+
+std::vector<nlohmann::json> GoldenCases() {
+  const nlohmann::json golden = testing::LoadJson("golden/stories15M_greedy.json");
+  return std::vector<nlohmann::json>(golden["cases"].begin(), golden["cases"].end());
+}
+
+// Runs the 8 golden prompts to 256 tokens of context through an EngineLoop.
+absl::StatusOr<Run> Generate(Engine* engine, int64_t bytes_per_block, PreemptionMode mode) {
+  SchedulerOptions so;
+  so.max_num_seqs = 8;
+  so.max_num_batched_tokens = 256;
+  so.max_model_len = 256;
+  so.preemption_mode = mode;
+  so.blocks.num_gpu_blocks = engine->options().num_gpu_blocks;
+  so.blocks.num_cpu_blocks = engine->options().num_cpu_blocks;
+  so.blocks.block_size = engine->options().block_size;
+  so.blocks.bytes_per_block = bytes_per_block;
+  Run run;
+  LoopCallbacks cb;
+  cb.on_finish = [&](const FinishedSeq& f) { run.outputs[f.request_id.value()] = f.output_tokens; };
+  auto loop = EngineLoop::Create(engine, so, cb);
+  if (!loop.ok()) return loop.status();
+  const auto cases = GoldenCases();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    LoopRequest r;
+    r.request_id = RequestId(i);
+    r.prompt = cases[i]["prompt_ids"].get<std::vector<int32_t>>();
+    r.max_tokens = 256;
+    auto id = (*loop)->AddRequest(r);
+    if (!id.ok()) return id.status();
+  }
+  const absl::Time start = absl::Now();
+  while ((*loop)->HasWork()) {
+    absl::Status s = (*loop)->Step();
+    if (!s.ok()) return s;
+    ++run.steps;
+    if (absl::Now() - start > kRunLimit) return absl::DeadlineExceededError("generation took too long");
+  }
+  run.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  run.stats = (*loop)->scheduler().Stats();
+  return run;
+}
+
+// The golden comparison length of case i: min(stable prefix, 256 - prompt).
+size_t CompareLen(const nlohmann::json& c) {
+  return std::min<size_t>(c["stable_prefix_len"]["margin_1e-3"].get<size_t>(), 256 - c["prompt_ids"].size());
+}
+
+void ExpectSameTokens(const Run& got, const Run& want, const char* what) {
+  const auto cases = GoldenCases();
+  ASSERT_EQ(got.outputs.size(), cases.size()) << what;
+  size_t equal_in_full = 0;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const auto& g = got.outputs.at(i);
+    const auto& w = want.outputs.at(i);
+    const size_t n = CompareLen(cases[i]);
+    ASSERT_GE(g.size(), n) << what << " case " << cases[i]["id"];
+    ASSERT_GE(w.size(), n) << what << " case " << cases[i]["id"];
+    for (size_t k = 0; k < n; ++k) {
+      ASSERT_EQ(g[k], w[k]) << what << ": case " << cases[i]["id"] << " token " << k;
+    }
+    equal_in_full += g == w;
+  }
+  std::printf("[ info     ] %s: %zu of %zu outputs identical in full\n", what, equal_in_full, cases.size());
+}
+
+void ExpectGolden(const Run& got) {
+  const auto cases = GoldenCases();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const auto expected = cases[i]["output_ids_ignore_bos"].get<std::vector<int32_t>>();
+    const auto& g = got.outputs.at(i);
+    const size_t n = CompareLen(cases[i]);
+    ASSERT_GE(g.size(), n);
+    for (size_t k = 0; k < n; ++k) {
+      ASSERT_EQ(g[k], expected[k]) << "case " << cases[i]["id"] << " token " << k;
+    }
+  }
+}
+
+absl::StatusOr<Run> GenerateInProcess(KvFormat format, int32_t gpu_blocks, int32_t cpu_blocks,
+                                      PreemptionMode mode) {
+  auto weights = LoadModelWeights(testing::DataPath("models/stories15M"));
+  if (!weights.ok()) return weights.status();
+  EngineOptions eo;
+  eo.kv_format = format;
+  eo.block_size = 16;
+  eo.num_gpu_blocks = gpu_blocks;
+  eo.num_cpu_blocks = cpu_blocks;
+  auto engine = CpuEngine::Create(std::move(*weights), eo);
+  if (!engine.ok()) return engine.status();
+  return Generate(engine->get(), (*engine)->kv_bytes_per_block(), mode);
+}
+
+WorkerPoolOptions PoolOptions(KvFormat format) {
+  WorkerPoolOptions o;
+  o.worker_binary = STRATA_WORKER_BINARY;
+  o.engine.world_size = 2;
+  o.engine.model_path = testing::DataPath("models/stories15M");
+  o.engine.kv_format = format;
+  o.engine.block_size = 16;
+  o.engine.step_timeout = absl::Seconds(60);
+  o.engine.collective_timeout = absl::Seconds(60);
+  o.threads_per_worker = 1;  // two workers on a two-core CI machine
+  o.shutdown_grace = absl::Seconds(5);
+  return o;
+}
+
+void ExpectAllReaped(const std::vector<pid_t>& pids) {
+  for (pid_t p : pids) EXPECT_EQ(::kill(p, 0), -1) << "worker pid " << p << " still exists";
+}
+
+TEST(TensorParallelCpu, Fp32TwoWorkersMatchGoldenAndTp1UnderSwap) {
+  const KvFormat fp32{KvDtype::kFp32, KvScaleMode::kNone};
+  // 40 blocks for 8 sequences of up to 16 blocks: swapping is forced.
+  auto tp1 = GenerateInProcess(fp32, 40, 256, PreemptionMode::kSwap);
+  ASSERT_TRUE(tp1.ok()) << tp1.status();
+  ExpectGolden(*tp1);
+
+  WorkerPoolOptions o = PoolOptions(fp32);
+  o.num_swap_blocks = 256;
+  // Ranks report different capacities; the scheduler must take the minimum.
+  o.extra_args = {{"--num-kv-blocks", "40"}, {"--num-kv-blocks", "64"}};
+  auto pool = WorkerPool::Start(o);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  const std::vector<pid_t> pids = (*pool)->pids();
+  auto engine = (*pool)->WaitReady(absl::Seconds(60));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_EQ((*engine)->options().num_gpu_blocks, 40);
+  EXPECT_EQ((*engine)->options().num_cpu_blocks, 256);
+  // Each rank holds 3 of the 6 kv heads: half the per-block bytes of tp=1.
+  EXPECT_EQ((*engine)->kv_bytes_per_block(), int64_t{6} * 2 * 3 * 16 * 48 * 4);
+  EXPECT_TRUE((*pool)->Health().status.ok()) << (*pool)->Health().status;
+
+  auto tp2 = Generate(*engine, (*engine)->kv_bytes_per_block(), PreemptionMode::kSwap);
+  ASSERT_TRUE(tp2.ok()) << tp2.status();
+  EXPECT_GT(tp2->stats.preemptions_swap, 0) << "the test must force swapping";
+  EXPECT_GT(tp2->stats.blocks.blocks_swapped_in, 0);
+  ExpectGolden(*tp2);
+  ExpectSameTokens(*tp2, *tp1, "fp32 tp=2 vs tp=1");
+  const RemoteStepTimings t = (*engine)->timings();
+  std::printf("[ info     ] fp32: tp=1 %.1f s, tp=2 %.1f s over %lld steps; per step: wall %.0f us, "
+              "worker %.0f us, engine %.0f us, control plane %.0f us\n",
+              tp1->seconds, tp2->seconds, static_cast<long long>(t.steps), 1.0 * t.wall_us / t.steps,
+              1.0 * t.worker_us / t.steps, 1.0 * t.engine_us / t.steps,
+              1.0 * (t.wall_us - t.worker_us) / t.steps);
+  (*pool)->Shutdown();
+  ExpectAllReaped(pids);
+  const PoolHealth h = (*pool)->Health();
+  for (const auto& w : h.workers) EXPECT_EQ(w.exit, "exited with status 0") << "rank " << w.rank;
+}
+
+TEST(TensorParallelCpu, Int8TwoWorkersMatchTp1) {
+  const KvFormat int8{KvDtype::kInt8, KvScaleMode::kDynamic};
+  auto tp1 = GenerateInProcess(int8, 160, 0, PreemptionMode::kRecompute);
+  ASSERT_TRUE(tp1.ok()) << tp1.status();
+
+  WorkerPoolOptions o = PoolOptions(int8);
+  // A byte budget this time: int8 blocks of 3 kv heads, scales and zero
+  // points included; 160 blocks' worth (and a little).
+  const int64_t per_block = int64_t{6} * KvBlockBytes(int8, 16, 3, 48);
+  o.kv_cache_memory_bytes = 160 * per_block + per_block / 2;
+  o.num_swap_blocks = 0;
+  auto pool = WorkerPool::Start(o);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  const std::vector<pid_t> pids = (*pool)->pids();
+  auto engine = (*pool)->WaitReady(absl::Seconds(60));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_EQ((*engine)->options().num_gpu_blocks, 160);
+  EXPECT_EQ((*engine)->kv_bytes_per_block(), per_block);
+
+  auto tp2 = Generate(*engine, (*engine)->kv_bytes_per_block(), PreemptionMode::kRecompute);
+  ASSERT_TRUE(tp2.ok()) << tp2.status();
+  ExpectSameTokens(*tp2, *tp1, "int8 tp=2 vs tp=1");
+  (*pool)->Shutdown();
+  ExpectAllReaped(pids);
+}
+
+}  // namespace
+}  // namespace strata

@@ -1,0 +1,521 @@
+#include "worker/worker_service.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "proto/worker.grpc.pb.h"
+#include "runtime/kv_capacity.h"
+#include "runtime/kv_quant_params.h"
+#include "runtime/sampling.h"
+#include "runtime/status_macros.h"
+#include "spdlog/spdlog.h"
+#include "worker/collectives_gloo.h"
+#include "worker/collectives_grpc_store.h"
+#include "worker/cpu_engine.h"
+#include "worker/shard.h"
+
+namespace strata {
+
+namespace v1 = worker::v1;
+
+// ---- wire helpers -------------------------------------------------------------
+
+grpc::Status ToGrpcStatus(const absl::Status& s) {
+  // absl and gRPC share the canonical code numbering.
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Status FromGrpcStatus(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+void StatusToProto(const absl::Status& s, v1::StatusProto* out) {
+  out->set_code(static_cast<int32_t>(s.code()));
+  out->set_message(std::string(s.message()));
+}
+
+absl::Status StatusFromProto(const v1::StatusProto& p) {
+  if (p.code() < 0 || p.code() > 16) return absl::UnknownError(p.message());
+  return absl::Status(static_cast<absl::StatusCode>(p.code()), p.message());
+}
+
+void ConfigToProto(const ModelConfig& c, v1::ModelConfigProto* p) {
+  p->set_architecture(c.architecture);
+  p->set_hidden_size(c.hidden_size);
+  p->set_intermediate_size(c.intermediate_size);
+  p->set_num_layers(c.num_layers);
+  p->set_num_heads(c.num_heads);
+  p->set_num_kv_heads(c.num_kv_heads);
+  p->set_head_dim(c.head_dim);
+  p->set_vocab_size(c.vocab_size);
+  p->set_max_position_embeddings(c.max_position_embeddings);
+  p->set_rms_norm_eps(c.rms_norm_eps);
+  p->set_rope_theta(c.rope_theta);
+  p->set_tie_word_embeddings(c.tie_word_embeddings);
+  p->set_torch_dtype(static_cast<int32_t>(c.torch_dtype));
+  p->set_bos_token_id(c.bos_token_id);
+  p->set_eos_token_id(c.eos_token_id);
+}
+
+ModelConfig ConfigFromProto(const v1::ModelConfigProto& p) {
+  ModelConfig c;
+  c.architecture = p.architecture();
+  c.hidden_size = p.hidden_size();
+  c.intermediate_size = p.intermediate_size();
+  c.num_layers = p.num_layers();
+  c.num_heads = p.num_heads();
+  c.num_kv_heads = p.num_kv_heads();
+  c.head_dim = p.head_dim();
+  c.vocab_size = p.vocab_size();
+  c.max_position_embeddings = p.max_position_embeddings();
+  c.rms_norm_eps = p.rms_norm_eps();
+  c.rope_theta = p.rope_theta();
+  c.tie_word_embeddings = p.tie_word_embeddings();
+  c.torch_dtype = static_cast<WeightDtype>(std::clamp(p.torch_dtype(), 0, 2));
+  c.bos_token_id = p.bos_token_id();
+  c.eos_token_id = p.eos_token_id();
+  return c;
+}
+
+namespace {
+
+void MovesToProto(const std::vector<KvBlockMove>& moves, google::protobuf::RepeatedField<int32_t>* out) {
+  out->Reserve(static_cast<int>(2 * moves.size()));
+  for (const KvBlockMove& m : moves) out->Add(m.src), out->Add(m.dst);
+}
+
+absl::Status MovesFromProto(const google::protobuf::RepeatedField<int32_t>& p, const char* what,
+                            std::vector<KvBlockMove>* out) {
+  if (p.size() % 2 != 0) return absl::InvalidArgumentError(absl::StrCat(what, ": odd pair list"));
+  out->clear();
+  for (int i = 0; i < p.size(); i += 2) out->push_back({p[i], p[i + 1]});
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void StepToProto(int64_t step_id, const StepInput& in, v1::Step* out) {
+  out->set_step_id(step_id);
+  out->mutable_seqs()->Reserve(static_cast<int>(in.seqs.size()));
+  for (const SeqStepInput& s : in.seqs) {
+    v1::SeqStep* p = out->add_seqs();
+    p->mutable_tokens()->Add(s.tokens.begin(), s.tokens.end());
+    p->set_start_pos(s.start_pos);
+    p->mutable_block_table()->Add(s.block_table.begin(), s.block_table.end());
+    p->set_logits(static_cast<int32_t>(s.logits));
+    if (s.sample) {
+      p->set_sample(true);
+      p->set_temperature(s.sampling.temperature);
+      p->set_top_k(s.sampling.top_k);
+      p->set_top_p(s.sampling.top_p);
+      p->set_seed(s.sampling.seed);
+      p->set_num_logprobs(s.num_logprobs);
+    }
+  }
+  MovesToProto(in.swap_out, out->mutable_swap_out());
+  MovesToProto(in.swap_in, out->mutable_swap_in());
+  MovesToProto(in.copies, out->mutable_copies());
+}
+
+absl::Status StepFromProto(const v1::Step& p, StepInput* in) {
+  in->seqs.resize(p.seqs_size());
+  for (int i = 0; i < p.seqs_size(); ++i) {
+    const v1::SeqStep& q = p.seqs(i);
+    SeqStepInput& s = in->seqs[i];
+    s.tokens.assign(q.tokens().begin(), q.tokens().end());
+    s.start_pos = q.start_pos();
+    s.block_table.assign(q.block_table().begin(), q.block_table().end());
+    if (q.logits() < 0 || q.logits() > 2) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": unknown logits mode ", q.logits()));
+    }
+    s.logits = static_cast<SeqStepInput::Logits>(q.logits());
+    s.sample = q.sample();
+    s.sampling = SamplingParams{};
+    s.num_logprobs = -1;
+    if (s.sample) {
+      s.sampling.temperature = q.temperature();
+      s.sampling.top_k = q.top_k();
+      s.sampling.top_p = q.top_p();
+      s.sampling.seed = q.seed();
+      s.num_logprobs = q.num_logprobs();
+      if (s.num_logprobs > 20) {
+        return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": num_logprobs above 20"));
+      }
+    }
+  }
+  RETURN_IF_ERROR(MovesFromProto(p.swap_out(), "swap_out", &in->swap_out));
+  RETURN_IF_ERROR(MovesFromProto(p.swap_in(), "swap_in", &in->swap_in));
+  return MovesFromProto(p.copies(), "copies", &in->copies);
+}
+
+void OutputToProto(const StepOutput& out, v1::StepResult* p) {
+  p->mutable_logits()->assign(reinterpret_cast<const char*>(out.logits.data()),
+                              out.logits.size() * sizeof(float));
+  p->mutable_row_begin()->Add(out.row_begin.begin(), out.row_begin.end());
+  for (const StepOutput::Sampled& s : out.sampled) {
+    v1::SampledProto* q = p->add_sampled();
+    q->set_token(s.token);
+    q->set_logprob(s.logprob);
+    for (const auto& [id, lp] : s.top_logprobs) q->add_top_ids(id), q->add_top_logprobs(lp);
+  }
+}
+
+absl::Status OutputFromProto(const v1::StepResult& p, int32_t vocab_size, StepOutput* out) {
+  const size_t bytes = p.logits().size();
+  if (bytes % (sizeof(float) * vocab_size) != 0) {
+    return absl::DataLossError(absl::StrCat("step result has ", bytes, " logits bytes, not whole rows of ",
+                                            vocab_size));
+  }
+  out->logits.resize(bytes / sizeof(float));
+  if (bytes > 0) std::memcpy(out->logits.data(), p.logits().data(), bytes);
+  out->row_begin.assign(p.row_begin().begin(), p.row_begin().end());
+  const int64_t rows = static_cast<int64_t>(bytes / (sizeof(float) * vocab_size));
+  if (!out->row_begin.empty() && out->row_begin.back() != rows) {
+    return absl::DataLossError("step result row offsets do not match its logits");
+  }
+  out->sampled.resize(p.sampled_size());
+  for (int i = 0; i < p.sampled_size(); ++i) {
+    const v1::SampledProto& q = p.sampled(i);
+    StepOutput::Sampled& s = out->sampled[i];
+    s.token = q.token();
+    s.logprob = q.logprob();
+    s.top_logprobs.clear();
+    for (int k = 0; k < q.top_ids_size() && k < q.top_logprobs_size(); ++k) {
+      s.top_logprobs.emplace_back(q.top_ids(k), q.top_logprobs(k));
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool SecretsEqual(std::string_view a, std::string_view b) {
+  if (a.empty() || b.empty()) return false;
+  // Time depends on the lengths only, not on where the contents differ.
+  unsigned diff = a.size() != b.size() ? 1u : 0u;
+  const size_t n = std::max(a.size(), b.size());
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? a[i] : 0, y = i < b.size() ? b[i] : 0;
+    diff |= x ^ y;
+  }
+  return diff == 0;
+}
+
+absl::StatusOr<std::string> ReadSecretFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("--secret-file ", path, ": cannot read"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string s = ss.str();
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t')) s.pop_back();
+  if (s.empty()) return absl::InvalidArgumentError(absl::StrCat("--secret-file ", path, " is empty"));
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0 && (st.st_mode & 077) != 0) {
+    spdlog::warn("secret file {} is readable by group or others (mode {:o}); use chmod 600",
+                 path, st.st_mode & 0777);
+  }
+  return s;
+}
+
+// ---- the session ----------------------------------------------------------------
+
+namespace {
+
+int64_t MemAvailableBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t kb = 0;
+  std::string unit;
+  while (in >> key >> kb >> unit) {
+    if (key == "MemAvailable:") return kb * 1024;
+  }
+  return -1;
+}
+
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+int64_t MicrosSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
+      .count();
+}
+
+}  // namespace
+
+class WorkerSession::Impl {
+ public:
+  explicit Impl(WorkerOptions o) : o_(std::move(o)) {}
+
+  absl::Status Run() {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+    channel_ = grpc::CreateCustomChannel(o_.scheduler_address, grpc::InsecureChannelCredentials(), args);
+    const auto deadline = std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(absl::ToInt64Milliseconds(o_.connect_timeout));
+    if (!channel_->WaitForConnected(deadline)) {
+      return absl::UnavailableError(absl::StrCat("cannot reach the scheduler at ", o_.scheduler_address,
+                                                 " within ", absl::FormatDuration(o_.connect_timeout)));
+    }
+    auto stub = v1::WorkerControl::NewStub(channel_);
+    grpc::ClientContext ctx;
+    ctx.AddMetadata(kSecretMetadataKey, o_.secret);
+    auto stream = stub->Connect(&ctx);
+    v1::WorkerMessage hello;
+    v1::Hello* h = hello.mutable_hello();
+    h->set_protocol_version(kWorkerProtocolVersion);
+    h->set_rank(o_.rank);
+    h->set_world_size(o_.world_size);
+    h->set_pid(::getpid());
+    char host[256] = {0};
+    ::gethostname(host, sizeof(host) - 1);
+    h->set_hostname(host);
+    v1::SchedulerMessage msg;
+    v1::WorkerMessage reply;
+    absl::Status fatal;
+    bool wrote = stream->Write(hello);
+    while (wrote && stream->Read(&msg)) {
+      const auto t0 = std::chrono::steady_clock::now();
+      reply.Clear();
+      switch (msg.kind_case()) {
+        case v1::SchedulerMessage::kInit: {
+          v1::Ready* r = reply.mutable_ready();
+          StatusToProto(HandleInit(msg.init(), r), r->mutable_status());
+          break;
+        }
+        case v1::SchedulerMessage::kAllocate:
+          StatusToProto(HandleAllocate(msg.allocate()), reply.mutable_allocated()->mutable_status());
+          break;
+        case v1::SchedulerMessage::kStep: {
+          v1::StepResult* r = reply.mutable_step_result();
+          r->set_step_id(msg.step().step_id());
+          const absl::Status s = HandleStep(msg.step(), r);
+          StatusToProto(s, r->mutable_status());
+          // A step rejected by validation leaves every rank in lockstep;
+          // anything else (a collective failed) does not.
+          if (!s.ok() && s.code() != absl::StatusCode::kInvalidArgument) fatal = s;
+          r->set_worker_us(MicrosSince(t0));
+          break;
+        }
+        case v1::SchedulerMessage::kShutdown:
+          spdlog::info("rank {}: shutdown requested ({})", o_.rank, msg.shutdown().reason());
+          stream->WritesDone();
+          (void)stream->Finish();
+          return absl::OkStatus();
+        default:
+          fatal = absl::InvalidArgumentError("unknown scheduler message");
+          break;
+      }
+      wrote = stream->Write(reply);
+      if (!fatal.ok()) break;
+    }
+    if (!fatal.ok()) {
+      ctx.TryCancel();
+      (void)stream->Finish();
+      return fatal;
+    }
+    const grpc::Status st = stream->Finish();
+    if (st.error_code() == grpc::StatusCode::UNAUTHENTICATED) return FromGrpcStatus(st);
+    return absl::UnavailableError(absl::StrCat("the scheduler closed the control stream: ",
+                                               st.ok() ? "OK" : st.error_message()));
+  }
+
+ private:
+  absl::Status HandleInit(const v1::Init& init, v1::Ready* ready) {
+    if (engine_ != nullptr) return absl::FailedPreconditionError("Init after Allocate");
+    if (init.kv_dtype() < 0 || init.kv_dtype() > 6 || init.kv_scale_mode() < 0 || init.kv_scale_mode() > 2) {
+      return absl::InvalidArgumentError("unknown KV cache format");
+    }
+    format_ = {static_cast<KvDtype>(init.kv_dtype()), static_cast<KvScaleMode>(init.kv_scale_mode())};
+    block_size_ = init.block_size();
+    rendezvous_prefix_ = init.rendezvous_prefix();
+    collective_timeout_ = absl::Milliseconds(init.collective_timeout_ms() > 0 ? init.collective_timeout_ms() : 60000);
+    const ShardSpec spec{o_.rank, o_.world_size};
+    const auto t0 = std::chrono::steady_clock::now();
+    if (init.load_format() == "dummy") {
+      ASSIGN_OR_RETURN(ModelConfig c, NamedModelShape(init.dummy_shape()));
+      ASSIGN_OR_RETURN(weights_, SliceWeights(RandomWeights(c, init.dummy_seed()), spec));
+    } else if (init.load_format() == "auto" || init.load_format().empty()) {
+      ASSIGN_OR_RETURN(weights_, LoadShardWeights(init.model_path(), spec));
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown load format '", init.load_format(), "'"));
+    }
+    const ModelConfig& c = weights_->config;
+    if (!init.kv_quant_params_path().empty()) {
+      ASSIGN_OR_RETURN(quant_params_, LoadKvQuantParams(init.kv_quant_params_path()));
+    }
+    ASSIGN_OR_RETURN(const ShardDims dims, ComputeShardDims(c, spec));
+    const KvCacheShape shape{format_, block_size_, dims.num_kv_heads, c.head_dim, c.num_layers};
+    RETURN_IF_ERROR(ValidateKvCacheShape(shape));
+    const int64_t per_block = KvBytesPerBlock(shape);
+    const int64_t avail = MemAvailableBytes();
+    if (o_.num_kv_blocks > 0) {
+      max_gpu_blocks_ = o_.num_kv_blocks;
+    } else {
+      int64_t budget = o_.kv_cache_memory_bytes;
+      if (budget > 0 && avail > 0 && budget > avail) {
+        return absl::ResourceExhaustedError(absl::StrCat("--kv-cache-memory ", budget, " exceeds the ",
+                                                         avail, " bytes of available memory"));
+      }
+      if (budget <= 0) budget = avail > 0 ? std::min(kDefaultKvCacheMemory, avail / 2) : kDefaultKvCacheMemory;
+      ASSIGN_OR_RETURN(const int64_t blocks, PlanKvPool(budget, shape));
+      max_gpu_blocks_ = static_cast<int32_t>(std::min<int64_t>(blocks, INT32_MAX));
+    }
+    if (max_gpu_blocks_ < 1) {
+      return absl::ResourceExhaustedError(absl::StrCat("the KV budget holds no block of ", per_block, " bytes"));
+    }
+    if (o_.num_swap_blocks >= 0) {
+      max_cpu_blocks_ = o_.num_swap_blocks;
+    } else {
+      ASSIGN_OR_RETURN(const int64_t bytes, SwapSpaceBytes(o_.swap_space_gib));
+      ASSIGN_OR_RETURN(const int64_t blocks, PlanKvPool(bytes, shape));
+      max_cpu_blocks_ = static_cast<int32_t>(std::min<int64_t>(blocks, INT32_MAX));
+    }
+    ConfigToProto(c, ready->mutable_config());
+    ready->set_kv_bytes_per_block(per_block);
+    ready->set_max_gpu_blocks(max_gpu_blocks_);
+    ready->set_max_cpu_blocks(max_cpu_blocks_);
+    ready->set_weight_bytes(WeightBytes(*weights_));
+    ready->set_shard_num_heads(dims.num_heads);
+    ready->set_shard_num_kv_heads(dims.num_kv_heads);
+    spdlog::info("rank {}/{}: shard loaded in {} ms ({} heads, {} kv heads, {:.1f} MiB weights); "
+                 "KV fits {} blocks of {} bytes, {} swap blocks",
+                 o_.rank, o_.world_size, MicrosSince(t0) / 1000, dims.num_heads, dims.num_kv_heads,
+                 WeightBytes(*weights_) / 1048576.0, max_gpu_blocks_, per_block, max_cpu_blocks_);
+    return absl::OkStatus();
+  }
+
+  absl::Status HandleAllocate(const v1::Allocate& a) {
+    if (!weights_.has_value() || engine_ != nullptr) {
+      return absl::FailedPreconditionError("Allocate must follow one successful Init");
+    }
+    if (a.num_gpu_blocks() < 1 || a.num_gpu_blocks() > max_gpu_blocks_ || a.num_cpu_blocks() < 0 ||
+        a.num_cpu_blocks() > max_cpu_blocks_) {
+      return absl::InvalidArgumentError(absl::StrCat("Allocate ", a.num_gpu_blocks(), "/", a.num_cpu_blocks(),
+                                                     " blocks exceeds this rank's ", max_gpu_blocks_, "/",
+                                                     max_cpu_blocks_));
+    }
+    if (o_.world_size > 1) {
+      store_ = std::make_unique<GrpcKvStore>(channel_, o_.secret);
+      CollectivesOptions co;
+      co.rank = o_.rank;
+      co.world_size = o_.world_size;
+      co.key_prefix = rendezvous_prefix_;
+      co.timeout = collective_timeout_;
+      co.gloo_hostname = o_.gloo_hostname;
+      ASSIGN_OR_RETURN(collectives_, CreateGlooCollectives(co, store_.get()));
+    }
+    EngineOptions eo;
+    eo.kv_format = format_;
+    eo.block_size = block_size_;
+    eo.num_gpu_blocks = a.num_gpu_blocks();
+    eo.num_cpu_blocks = a.num_cpu_blocks();
+    CpuShardOptions so;
+    so.shard = {o_.rank, o_.world_size};
+    so.collectives = collectives_.get();
+    so.compute_logits = o_.rank == 0;
+    ModelWeights w = std::move(*weights_);
+    weights_.reset();
+    ASSIGN_OR_RETURN(engine_, CpuEngine::Create(std::move(w), eo, quant_params_, so));
+    spdlog::info("rank {}/{}: {} KV blocks + {} swap blocks allocated", o_.rank, o_.world_size,
+                 eo.num_gpu_blocks, eo.num_cpu_blocks);
+    return absl::OkStatus();
+  }
+
+  absl::Status HandleStep(const v1::Step& p, v1::StepResult* r) {
+    if (engine_ == nullptr) return absl::FailedPreconditionError("Step before Allocate");
+    RETURN_IF_ERROR(StepFromProto(p, &in_));
+    // Sampling needs the last row even when the caller wants no logits back.
+    bool filtered = false;
+    wanted_.resize(in_.seqs.size());
+    for (size_t i = 0; i < in_.seqs.size(); ++i) {
+      SeqStepInput& s = in_.seqs[i];
+      wanted_[i] = s.logits;
+      if (s.sample && s.logits == SeqStepInput::Logits::kNone) s.logits = SeqStepInput::Logits::kLast, filtered = true;
+      if (s.sample) RETURN_IF_ERROR(ValidateSamplingParams(s.sampling, engine_->config().vocab_size));
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    RETURN_IF_ERROR(engine_->Step(in_, &out_));
+    r->set_engine_us(MicrosSince(t0));
+    if (o_.rank != 0) return absl::OkStatus();
+    const int32_t vocab = engine_->config().vocab_size;
+    out_.sampled.clear();
+    bool any_sample = false;
+    for (const SeqStepInput& s : in_.seqs) any_sample |= s.sample;
+    if (any_sample) {
+      out_.sampled.resize(in_.seqs.size());
+      for (size_t i = 0; i < in_.seqs.size(); ++i) {
+        const SeqStepInput& s = in_.seqs[i];
+        if (!s.sample) continue;
+        const float* row = out_.logits.data() + int64_t{out_.row_begin[i + 1] - 1} * vocab;
+        SamplingParams sp = s.sampling;
+        // Keyed by (seed, position of the sampled row): independent of the batch.
+        const uint64_t pos = static_cast<uint64_t>(s.start_pos) + s.tokens.size() - 1;
+        sp.seed = SplitMix64(s.sampling.seed ^ SplitMix64(pos));
+        Sampler sampler(sp);
+        StepOutput::Sampled& o = out_.sampled[i];
+        o.token = sampler.Sample(row, vocab);
+        if (s.num_logprobs >= 0) {
+          o.logprob = LogProbOf(row, vocab, o.token);
+          if (s.num_logprobs > 0) o.top_logprobs = TopLogProbs(row, vocab, s.num_logprobs);
+        }
+      }
+    }
+    if (filtered) {
+      // Drop the rows that were computed only for sampling.
+      StepOutput kept;
+      kept.row_begin.assign(in_.seqs.size() + 1, 0);
+      for (size_t i = 0; i < in_.seqs.size(); ++i) {
+        const int32_t b = out_.row_begin[i], e = out_.row_begin[i + 1];
+        if (wanted_[i] != SeqStepInput::Logits::kNone) {
+          kept.logits.insert(kept.logits.end(), out_.logits.begin() + int64_t{b} * vocab,
+                             out_.logits.begin() + int64_t{e} * vocab);
+        }
+        kept.row_begin[i + 1] = kept.row_begin[i] + (wanted_[i] != SeqStepInput::Logits::kNone ? e - b : 0);
+      }
+      kept.sampled = std::move(out_.sampled);
+      OutputToProto(kept, r);
+    } else {
+      OutputToProto(out_, r);
+    }
+    return absl::OkStatus();
+  }
+
+  WorkerOptions o_;
+  std::shared_ptr<grpc::Channel> channel_;
+  // Between Init and Allocate.
+  std::optional<ModelWeights> weights_;
+  std::optional<KvQuantParams> quant_params_;
+  KvFormat format_;
+  int32_t block_size_ = 16;
+  int32_t max_gpu_blocks_ = 0, max_cpu_blocks_ = 0;
+  std::string rendezvous_prefix_;
+  absl::Duration collective_timeout_ = absl::Seconds(60);
+  // After Allocate.
+  std::unique_ptr<GrpcKvStore> store_;
+  std::unique_ptr<Collectives> collectives_;
+  std::unique_ptr<CpuEngine> engine_;
+  // Reused across steps.
+  StepInput in_;
+  StepOutput out_;
+  std::vector<SeqStepInput::Logits> wanted_;
+};
+
+WorkerSession::WorkerSession(WorkerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+WorkerSession::~WorkerSession() = default;
+absl::Status WorkerSession::Run() { return impl_->Run(); }
+
+}  // namespace strata
