@@ -8,8 +8,8 @@
 # Needs Debian packages: yamllint, prometheus (promtool), shellcheck, python3-yaml, python3-venv;
 # kubectl (its built-in kustomize) is used when present to cross-check the offline renderer.
 # Environment: STRATA_BUILD_DIR (default build): renders go to $STRATA_BUILD_DIR/deploy-check/,
-# and the built strata / strata-worker there (scheduler/, worker/) have their flags checked
-# against the manifests. STRATA_DEPLOY_VENV (default ~/.cache/strata-deploy/venv-<hash>): the venv.
+# and the built strata there (scheduler/strata) has its `serve` flags checked against the
+# manifests. STRATA_DEPLOY_VENV (default ~/.cache/strata-deploy/venv-<hash>): the venv.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 BUILD_DIR="${STRATA_BUILD_DIR:-build}"
@@ -62,8 +62,8 @@ step "venv $VENV (pinned $REQ)" make_venv
 mapfile -t yaml_files < <(find deploy tests/deploy -name '*.yaml' -o -name '*.yml' | sort)
 step "yamllint deploy/ tests/deploy/ (${#yaml_files[@]} files)" \
   yamllint --strict -c deploy/.yamllint.yml "${yaml_files[@]}"
-step "shellcheck" shellcheck -x deploy/docker/strata-launch-workers tools/deploy_check.sh \
-  tests/deploy/prometheus_e2e.sh tools/render_dashboard.sh
+step "shellcheck" shellcheck -x tools/deploy_check.sh tests/deploy/prometheus_e2e.sh \
+  tools/render_dashboard.sh
 
 # ---- Prometheus
 step "promtool check rules" promtool check rules deploy/prometheus/strata-rules.yml
@@ -122,9 +122,6 @@ for o in "${OVERLAYS[@]}"; do rendered+=("$OUT/$o.yaml"); done
 flag_args=()
 for b in "$BUILD_DIR/scheduler/strata" "$BUILD_DIR/strata"; do
   if [[ -x "$b" ]]; then flag_args+=(--strata "$b"); break; fi
-done
-for b in "$BUILD_DIR/worker/strata-worker" "$BUILD_DIR/strata-worker"; do
-  if [[ -x "$b" ]]; then flag_args+=(--strata-worker "$b"); break; fi
 done
 version_args=()
 for v in "${K8S_VERSIONS[@]}"; do version_args+=(--k8s-version "$v"); done

@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Validates rendered Kubernetes overlays (the output of kustomize, one file per overlay).
 
-    python check_manifests.py --k8s-version 1.30.0 [--strata build/strata]
-        [--strata-worker build/strata-worker] RENDERED.yaml...
+    python check_manifests.py --k8s-version 1.30.0 [--strata build/scheduler/strata] RENDERED.yaml...
 
 Run with the deploy-check venv's python (tools/deploy_check.sh): it needs kubernetes-validate
 (pinned, tests/deploy/requirements.txt), which brings jsonschema and PyYAML.
@@ -13,12 +12,12 @@ Run with the deploy-check venv's python (tools/deploy_check.sh): it needs kubern
    used, written here; any other kind is an error.
 2. References that schemas cannot see: volumeMounts name declared volumes; probe, Service and
    PodMonitor ports exist on the pods; selectors match the pod template; every $(VAR) in
-   command/args is a key of the referenced ConfigMap; the workers container holds STRATA_TP GPUs;
+   command/args is a key of the referenced ConfigMap; a GPU container holds STRATA_TP GPUs
+   (one per rank) and a CPU one none; a read-only root filesystem comes with a writable /tmp;
    no Secret object is rendered (secrets are referenced, never committed).
-3. Flags: every --flag given to `strata` or `strata-worker` (directly or through
-   deploy/docker/strata-launch-workers) exists in that binary's --help, when the binary is given.
-   Flags the binaries do not have yet are listed in PENDING_FLAGS with the reason; one that has
-   landed must be removed from that list (the check says so).
+3. Flags: every --flag given to `strata` exists in `strata serve --help`, when the binary is
+   given. Flags the binary does not have yet may be listed in PENDING_FLAGS with the reason; one
+   that has landed must be removed from that list (the check says so).
 """
 import argparse
 import json
@@ -34,14 +33,9 @@ import yaml
 HERE = pathlib.Path(__file__).resolve().parent
 CRD_SCHEMAS = {("monitoring.coreos.com/v1", "PodMonitor"):
                HERE / "schemas/podmonitor-monitoring.coreos.com-v1.json"}
-# Flags the GPU overlays pass that `strata serve` does not have yet: the scheduler side of the
-# worker control plane is not integrated (scheduler/server/model_loader.h: --tp > 1 and
-# --device cuda are UNIMPLEMENTED). Remove an entry when the flag lands.
-PENDING_FLAGS = {
-    ("strata", "--secret-file"): "serve: shared control-plane secret for strata-worker ranks",
-}
-# What strata-launch-workers passes to every strata-worker.
-LAUNCHER_FLAGS = ["--rank", "--world-size", "--scheduler", "--secret-file"]
+# Flags the overlays pass that `strata serve` does not have yet, with the reason. Remove an
+# entry when the flag lands. (Empty: every flag used exists.)
+PENDING_FLAGS = {}
 
 
 class Checker:
@@ -121,18 +115,21 @@ def check_refs(c, name, objs):
                 for var in re.findall(r"\$\((\w+)\)", arg):
                     if var not in env:
                         c.error(cw, f"{arg!r} uses $({var}), which no ConfigMap/env defines")
-            if ctr["name"] == "workers":
-                for var in ("STRATA_TP", "STRATA_SCHEDULER_ADDR", "STRATA_SECRET_FILE"):
-                    if var not in env:
-                        c.error(cw, f"strata-launch-workers needs {var}")
-                gpus = ctr.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
-                if str(gpus) != str(env.get("STRATA_TP")):
-                    c.error(cw, f"nvidia.com/gpu limit {gpus} != STRATA_TP {env.get('STRATA_TP')}")
-                secret_dir = str(pathlib.PurePosixPath(env.get("STRATA_SECRET_FILE", "/")).parent)
-                if not any(m["mountPath"] == secret_dir for m in ctr.get("volumeMounts", [])):
-                    c.error(cw, f"nothing mounted at {secret_dir} for STRATA_SECRET_FILE")
-            elif "nvidia.com/gpu" in str(ctr.get("resources", {})):
-                c.error(cw, "only the workers container requests GPUs")
+            gpus = ctr.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+            if gpus is not None and str(gpus) != str(env.get("STRATA_TP")):
+                c.error(cw, f"nvidia.com/gpu limit {gpus} != STRATA_TP {env.get('STRATA_TP')} "
+                            "(one GPU per tensor-parallel rank)")
+            if env.get("STRATA_DEVICE") == "cuda" and gpus is None:
+                c.error(cw, "STRATA_DEVICE is cuda but the container has no nvidia.com/gpu limit")
+            if env.get("STRATA_DEVICE") == "cpu" and gpus is not None:
+                c.error(cw, "STRATA_DEVICE is cpu but the container requests GPUs")
+            if ctr.get("securityContext", {}).get("readOnlyRootFilesystem") and not any(
+                    m["mountPath"] == "/tmp" for m in ctr.get("volumeMounts", [])):
+                c.error(cw, "read-only root filesystem without a writable /tmp (worker secrets)")
+        for v in spec.get("volumes", []):
+            if "secret" in v:
+                c.notes.append(f"{where}: Secret {v['secret']['secretName']} is referenced; "
+                               "create it out of band (deploy/README.md)")
     for s in by_kind.get("Service", []):
         for p in s["spec"].get("ports", []):
             if p.get("targetPort") not in pod_ports:
@@ -166,15 +163,10 @@ def check_flags(c, name, objs, binaries):
         for ctr in tpl["spec"].get("containers", []):
             cmd = ctr.get("command", []) + ctr.get("args", [])
             where = f"{name} container {ctr['name']}"
-            if cmd[:1] == ["strata"]:
-                prog = "strata"
-                used += [(prog, a.split("=", 1)[0], where) for a in cmd if a.startswith("--")]
-            elif cmd[:1] == ["strata-launch-workers"]:
-                used += [("strata-worker", f, where) for f in LAUNCHER_FLAGS]
-                used += [("strata-worker", a.split("=", 1)[0], where)
-                         for a in cmd[1:] if a.startswith("--")]
+            if cmd[:2] == ["strata", "serve"]:
+                used += [("strata", a.split("=", 1)[0], where) for a in cmd if a.startswith("--")]
             else:
-                c.error(where, f"unexpected command {cmd[:1]}")
+                c.error(where, f"unexpected command {cmd[:2]} (expected strata serve)")
     for prog, flag, where in used:
         if prog not in known:
             continue
@@ -192,11 +184,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k8s-version", action="append", required=True)
     ap.add_argument("--strata", help="built strata binary (checks `strata serve` flags)")
-    ap.add_argument("--strata-worker", help="built strata-worker binary")
     ap.add_argument("rendered", nargs="+")
     args = ap.parse_args()
     c = Checker()
-    binaries = {"strata": (args.strata, ["serve"]), "strata-worker": (args.strata_worker, [])}
+    binaries = {"strata": (args.strata, ["serve"])}
     for path in args.rendered:
         name = pathlib.Path(path).stem
         objs = [o for o in yaml.safe_load_all(open(path)) if o]
@@ -212,8 +203,6 @@ def main():
         print(f"  ERROR {e}")
     if not args.strata:
         print("  note: no strata binary given: `strata serve` flags not checked")
-    if not args.strata_worker:
-        print("  note: no strata-worker binary given: worker flags not checked")
     return 1 if c.errors else 0
 
 
