@@ -35,7 +35,8 @@ strata_cc_test(serving_unit_test
 add_library(strata_serving_test_util STATIC ${CMAKE_SOURCE_DIR}/tests/serving_test_util.cc)
 target_link_libraries(strata_serving_test_util PUBLIC gRPC::grpc++)
 target_include_directories(strata_serving_test_util PUBLIC ${CMAKE_SOURCE_DIR})
-target_compile_definitions(strata_serving_test_util PRIVATE STRATA_CLI_PATH="$<TARGET_FILE:strata>")
+target_compile_definitions(strata_serving_test_util PRIVATE STRATA_CLI_PATH="$<TARGET_FILE:strata>"
+                           STRATA_SOURCE_ROOT="${CMAKE_SOURCE_DIR}")
 foreach(t serving_e2e_test serving_process_test)
   strata_cc_test(${t}
     SRCS ${CMAKE_SOURCE_DIR}/tests/${t}.cc

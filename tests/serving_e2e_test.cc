@@ -54,7 +54,7 @@ class ServingE2ETest : public ::testing::Test {
   }
 
   StreamResult Stream(const v1::GenerateRequest& req,
-                      std::chrono::milliseconds timeout = std::chrono::seconds(120)) {
+                      std::chrono::milliseconds timeout = std::chrono::seconds(300)) {
     StreamResult r;
     grpc::ClientContext ctx;
     ctx.set_deadline(In(timeout));
@@ -186,7 +186,7 @@ TEST_F(ServingE2ETest, UnaryTokenizeDetokenizeAndModelInfo) {
   req.set_text("Once upon a time");
   req.mutable_sampling()->set_max_tokens(20);
   grpc::ClientContext ctx;
-  ctx.set_deadline(In(std::chrono::seconds(60)));
+  ctx.set_deadline(In(std::chrono::seconds(120)));
   v1::GenerateResponse unary;
   ASSERT_TRUE(stub_->GenerateUnary(&ctx, req, &unary).ok());
   EXPECT_EQ(std::vector<int32_t>(unary.token_ids().begin(), unary.token_ids().end()),
@@ -354,7 +354,7 @@ TEST_F(ServingE2ETest, InvalidRequestsGetInvalidArgumentNamingTheField) {
 TEST_F(ServingE2ETest, CancellationFreesBlocksAtOnce) {
   v1::GenerateRequest req = FromIds(Case("lily_and_tom")["prompt_ids"], 240);
   grpc::ClientContext ctx;
-  ctx.set_deadline(In(std::chrono::seconds(60)));
+  ctx.set_deadline(In(std::chrono::seconds(120)));
   auto reader = stub_->Generate(&ctx, req);
   v1::GenerateResponse m;
   int tokens = 0;
@@ -372,7 +372,7 @@ TEST_F(ServingE2ETest, CancellationFreesBlocksAtOnce) {
   EXPECT_EQ(after.num_running(), 0);
 
   // A deadline that passes mid-generation frees the blocks the same way.
-  const StreamResult r = Stream(req, std::chrono::milliseconds(300));
+  const StreamResult r = Stream(req, std::chrono::milliseconds(100));
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_EQ(WaitIdle().gpu_blocks().used(), 0);
 }
@@ -392,7 +392,7 @@ TEST_F(ServingE2ETest, TwoHundredConcurrentStreamingClients) {
       // Each client its own channel (its own connection), like separate processes.
       auto stub = v1::Generation::NewStub(LoopbackChannel(server_->address()));
       grpc::ClientContext ctx;
-      ctx.set_deadline(In(std::chrono::seconds(90)));
+      ctx.set_deadline(In(std::chrono::seconds(300)));
       auto reader = stub->Generate(&ctx, FromIds(c["prompt_ids"], kTokens));
       std::vector<int32_t> got;
       v1::GenerateResponse m;

@@ -59,7 +59,7 @@ TEST(ServingProcessTest, BearerTokenAuthentication) {
   auto stub = v1::Generation::NewStub(channel);
   auto call = [&](const char* auth) {
     grpc::ClientContext ctx;
-    ctx.set_deadline(In(std::chrono::seconds(30)));
+    ctx.set_deadline(In(std::chrono::seconds(120)));
     if (auth != nullptr) ctx.AddMetadata("authorization", auth);
     auto reader = stub->Generate(&ctx, Prompt("Once upon a time", 4));
     return Drain(reader.get());
@@ -79,7 +79,7 @@ TEST(ServingProcessTest, BearerTokenAuthentication) {
   // The CLI client sends the token from a file.
   const auto cli = RunCommand({testing::StrataCli(), "generate", "--server", server.address(),
                                "--auth-token-file", dir + "/token", "--max-tokens", "5"},
-                              std::chrono::seconds(60));
+                              std::chrono::seconds(120));
   EXPECT_EQ(cli.exit_code, 0) << cli.err;
   server.Signal(SIGTERM);
   EXPECT_TRUE(ExitedCleanly(server.WaitExit(std::chrono::seconds(20)))) << server.log();
@@ -97,7 +97,7 @@ TEST(ServingProcessTest, FullQueueIsResourceExhaustedAndServerRecovers) {
   for (int i = 0; i < kClients; ++i) {
     threads.emplace_back([&, i] {
       grpc::ClientContext ctx;
-      ctx.set_deadline(In(std::chrono::seconds(60)));
+      ctx.set_deadline(In(std::chrono::seconds(120)));
       auto reader = stub->Generate(&ctx, Prompt("Once upon a time", 40));
       codes[i] = Drain(reader.get()).error_code();
     });
@@ -112,7 +112,7 @@ TEST(ServingProcessTest, FullQueueIsResourceExhaustedAndServerRecovers) {
   EXPECT_GE(exhausted, 1);
   EXPECT_GE(ok, 2) << "one running + one queued are accepted";
   grpc::ClientContext ctx;
-  ctx.set_deadline(In(std::chrono::seconds(30)));
+  ctx.set_deadline(In(std::chrono::seconds(120)));
   auto reader = stub->Generate(&ctx, Prompt("Once upon a time", 4));
   EXPECT_TRUE(Drain(reader.get()).ok()) << "accepts again once the queue drains";
   server.Signal(SIGTERM);
@@ -127,7 +127,7 @@ TEST(ServingProcessTest, SigtermShutsDownCleanly) {
   ASSERT_TRUE(server.Start(ServeArgs({"--shutdown-grace", "0.5"}))) << server.log();
   auto stub = v1::Generation::NewStub(LoopbackChannel(server.address()));
   grpc::ClientContext ctx;
-  ctx.set_deadline(In(std::chrono::seconds(60)));
+  ctx.set_deadline(In(std::chrono::seconds(120)));
   v1::GenerateRequest req = Prompt("Once upon a time", 250);
   auto reader = stub->Generate(&ctx, req);
   v1::GenerateResponse m;
@@ -154,17 +154,17 @@ TEST(ServingProcessTest, SigtermShutsDownCleanly) {
 
 TEST(ServingProcessTest, RefusesUnsupportedFlags) {
   const auto tp = RunCommand({testing::StrataCli(), "serve", "--port", "0", "--tp", "2"},
-                             std::chrono::seconds(30));
+                             std::chrono::seconds(120));
   EXPECT_EQ(tp.exit_code, 2);
   EXPECT_NE(tp.err.find("UNIMPLEMENTED"), std::string::npos) << tp.err;
   EXPECT_NE(tp.err.find("--tp"), std::string::npos) << tp.err;
   const auto dev = RunCommand({testing::StrataCli(), "serve", "--port", "0", "--device", "tpu"},
-                              std::chrono::seconds(30));
+                              std::chrono::seconds(120));
   EXPECT_EQ(dev.exit_code, 2);
   EXPECT_NE(dev.err.find("--device"), std::string::npos) << dev.err;
   const auto model = RunCommand(
       {testing::StrataCli(), "serve", "--host", "127.0.0.1", "--port", "0", "--model", "/nonexistent"},
-      std::chrono::seconds(30));
+      std::chrono::seconds(120));
   EXPECT_EQ(model.exit_code, 2);
   EXPECT_NE(model.err.find("/nonexistent"), std::string::npos) << model.err;
 }
@@ -174,26 +174,26 @@ TEST(ServingProcessTest, CliAndPythonClientsStream) {
   ASSERT_TRUE(server.Start(ServeArgs())) << server.log();
   const auto cli = RunCommand({testing::StrataCli(), "generate", "--server", server.address(),
                                "--prompt", "Once upon a time", "--max-tokens", "12"},
-                              std::chrono::seconds(60));
+                              std::chrono::seconds(120));
   EXPECT_EQ(cli.exit_code, 0) << cli.err;
   EXPECT_EQ(cli.out, "Once upon a time, there was a little girl named Lily. She loved\n");
   EXPECT_NE(cli.err.find("FINISH_REASON_LENGTH"), std::string::npos) << cli.err;
   const auto info = RunCommand({testing::StrataCli(), "info", "--server", server.address()},
-                               std::chrono::seconds(30));
+                               std::chrono::seconds(120));
   EXPECT_EQ(info.exit_code, 0) << info.err;
   EXPECT_NE(info.out.find("\"kvCacheDtype\": \"fp32\""), std::string::npos) << info.out;
   const auto bad = RunCommand({testing::StrataCli(), "generate", "--server", server.address(),
                                "--max-tokens", "300"},
-                              std::chrono::seconds(30));
+                              std::chrono::seconds(120));
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_NE(bad.err.find("INVALID_ARGUMENT: sampling.max_tokens"), std::string::npos) << bad.err;
 
   const char* python = "/usr/bin/python3";
   if (access(python, X_OK) != 0 ||
-      RunCommand({python, "-c", "import grpc, grpc_tools"}, std::chrono::seconds(30)).exit_code != 0) {
+      RunCommand({python, "-c", "import grpc, grpc_tools"}, std::chrono::seconds(120)).exit_code != 0) {
     GTEST_SKIP() << "no grpcio for /usr/bin/python3";
   }
-  const auto py = RunCommand({python, testing::SourceDir() + "/examples/python_client.py", "--server",
+  const auto py = RunCommand({python, testing::StrataSourceDir() + "/examples/python_client.py", "--server",
                               server.address(), "--max-tokens", "12"},
                              std::chrono::seconds(90));
   EXPECT_EQ(py.exit_code, 0) << py.err;
@@ -210,7 +210,7 @@ TEST(ServingProcessTest, Tls) {
   const auto gen = RunCommand({"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
                                "-keyout", dir + "/key.pem", "-out", dir + "/cert.pem", "-days", "1",
                                "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"},
-                              std::chrono::seconds(60));
+                              std::chrono::seconds(120));
   ASSERT_EQ(gen.exit_code, 0) << gen.err;
   ServerProcess server;
   ASSERT_TRUE(server.Start(ServeArgs({"--tls-cert-file", dir + "/cert.pem", "--tls-key-file",
@@ -224,7 +224,7 @@ TEST(ServingProcessTest, Tls) {
   auto tls = v1::Generation::NewStub(
       grpc::CreateCustomChannel(server.address(), grpc::SslCredentials(ssl), args));
   grpc::ClientContext ctx;
-  ctx.set_deadline(In(std::chrono::seconds(30)));
+  ctx.set_deadline(In(std::chrono::seconds(120)));
   auto reader = tls->Generate(&ctx, Prompt("Once upon a time", 4));
   int tokens = 0;
   const grpc::Status s = Drain(reader.get(), &tokens);

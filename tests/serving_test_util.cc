@@ -39,6 +39,11 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::string& out, const 
     if (o < 0 || e < 0) _exit(127);
     dup2(o, STDOUT_FILENO);
     dup2(e, STDERR_FILENO);
+    // One OpenMP thread that sleeps when idle: test servers share 2 cores
+    // with parallel ctest jobs, and spinning or oversubscribed OpenMP teams
+    // slow everything down by an order of magnitude there.
+    setenv("OMP_NUM_THREADS", "1", 1);
+    setenv("OMP_WAIT_POLICY", "passive", 1);
     const int devnull = open("/dev/null", O_RDONLY);
     if (devnull >= 0) dup2(devnull, STDIN_FILENO);
     std::vector<char*> args;
@@ -73,6 +78,7 @@ bool Next(grpc::CompletionQueue* cq) {
 }  // namespace
 
 std::string StrataCli() { return STRATA_CLI_PATH; }
+std::string StrataSourceDir() { return STRATA_SOURCE_ROOT; }
 
 std::string MakeTempDir() {
   std::string tmpl = (std::filesystem::temp_directory_path() / "strata_serving_XXXXXX").string();

@@ -17,6 +17,8 @@ namespace strata::testing {
 
 // Path of the built `strata` CLI (compile definition STRATA_CLI_PATH).
 std::string StrataCli();
+// The source tree (compile definition STRATA_SOURCE_ROOT).
+std::string StrataSourceDir();
 
 class ServerProcess {
  public:
