@@ -90,6 +90,11 @@ int Run(const Config& cfg) {
     std::fprintf(stderr, "%s\n", shape.status().ToString().c_str());
     return 2;
   }
+  if (cfg.context + cfg.steps > shape->max_position_embeddings) {
+    std::fprintf(stderr, "--context + --steps must stay within the model's %d positions\n",
+                 shape->max_position_embeddings);
+    return 2;
+  }
   const int block_size = 16;
   const int max_batch = *std::max_element(cfg.batches.begin(), cfg.batches.end());
   const int blocks = max_batch * ((cfg.context + cfg.steps + block_size - 1) / block_size);
@@ -137,16 +142,20 @@ int Run(const Config& cfg) {
         std::vector<double> in_proc, wall, worker, engine_us, control;
         size_t reply_bytes = 0;
         // In process (sampling is not the engine's: it returns logits either way).
-        if (!(*local)->Step(w.prefill, &out).ok()) return 1;
+        absl::Status s = (*local)->Step(w.prefill, &out);
+        if (!s.ok()) {
+          std::fprintf(stderr, "%s\n", s.ToString().c_str());
+          return 1;
+        }
         for (const StepInput& in : w.decodes) {
           StepInput x = in;
           for (auto& s : x.seqs) s.logits = SeqStepInput::Logits::kLast;
           const auto t0 = std::chrono::steady_clock::now();
-          if (!(*local)->Step(x, &out).ok()) return 1;
+          if (!(*local)->Step(x, &out).ok()) return 1;  // the same steps passed above
           in_proc.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
         }
         // Remote.
-        absl::Status s = (*engine)->Step(w.prefill, &out);
+        s = (*engine)->Step(w.prefill, &out);
         if (!s.ok()) {
           std::fprintf(stderr, "%s\n", s.ToString().c_str());
           return 1;

@@ -182,6 +182,7 @@ absl::StatusOr<RemoteEngine*> WorkerPool::WaitReady(absl::Duration timeout) {
   if (shut_down_) return absl::FailedPreconditionError("the worker pool was shut down");
   ASSIGN_OR_RETURN(engine_, RemoteEngine::Connect(control_.get(), options_.engine, absl::Now() + timeout,
                                                   [this] { return CheckChildren(); }));
+  ready_engine_ = engine_.get();
   return engine_.get();
 }
 
@@ -189,8 +190,9 @@ PoolHealth WorkerPool::Health() {
   PoolHealth h;
   h.status = CheckChildren();
   if (h.status.ok() && shut_down_) h.status = absl::UnavailableError("the worker pool was shut down");
-  if (h.status.ok() && engine_ != nullptr) h.status = engine_->health();
-  if (h.status.ok() && engine_ == nullptr) h.status = absl::UnavailableError("workers are not ready yet");
+  RemoteEngine* engine = ready_engine_.load();
+  if (h.status.ok() && engine != nullptr) h.status = engine->health();
+  if (h.status.ok() && engine == nullptr) h.status = absl::UnavailableError("workers are not ready yet");
   absl::MutexLock lock(&mu_);
   h.workers = children_;
   return h;

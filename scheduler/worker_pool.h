@@ -106,7 +106,8 @@ class WorkerPool {
   std::string secret_dir_;
   std::string secret_path_;
   std::unique_ptr<ControlPlane> control_;
-  std::unique_ptr<RemoteEngine> engine_;
+  std::unique_ptr<RemoteEngine> engine_;          // owned by the Start/WaitReady/Shutdown thread
+  std::atomic<RemoteEngine*> ready_engine_{nullptr};  // what Health() reads
   std::atomic<bool> shut_down_{false};
 
   // The spawner thread forks the workers and then parks until shutdown:
