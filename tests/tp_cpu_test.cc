@@ -10,6 +10,7 @@
 #include <map>
 
 #include "gtest/gtest.h"
+#include "runtime/sampling.h"
 #include "runtime/weights.h"
 #include "scheduler/engine_loop.h"
 #include "scheduler/worker_pool.h"
@@ -134,6 +135,44 @@ WorkerPoolOptions PoolOptions(KvFormat format) {
   return o;
 }
 
+// Sampling on rank 0 (RemoteEngine::SupportsSampling), the logits filter, and
+// a step every rank rejects (INVALID_ARGUMENT, the group stays healthy).
+void CheckSamplingAndRejection(RemoteEngine* engine) {
+  const auto cases = GoldenCases();
+  const auto prompt = cases[0]["prompt_ids"].get<std::vector<int32_t>>();
+  const int32_t first = cases[0]["output_ids_ignore_bos"][0].get<int32_t>();
+  const int32_t vocab = engine->config().vocab_size;
+  StepInput in;
+  for (int i = 0; i < 2; ++i) {
+    SeqStepInput s;
+    s.tokens = prompt;
+    s.block_table = {i};
+    s.sample = true;  // greedy
+    s.num_logprobs = 2;
+    s.logits = i == 0 ? SeqStepInput::Logits::kNone : SeqStepInput::Logits::kLast;
+    in.seqs.push_back(s);
+  }
+  StepOutput out;
+  ASSERT_TRUE(engine->Step(in, &out).ok());
+  ASSERT_EQ(out.sampled.size(), 2u);
+  EXPECT_EQ(out.row_begin, (std::vector<int32_t>{0, 0, 1})) << "only the second sequence asked for logits";
+  ASSERT_EQ(out.logits.size(), static_cast<size_t>(vocab));
+  for (const auto& smp : out.sampled) {
+    EXPECT_EQ(smp.token, first);
+    ASSERT_EQ(smp.top_logprobs.size(), 2u);
+    EXPECT_EQ(smp.top_logprobs[0].first, first);
+    EXPECT_NEAR(smp.logprob, LogProbOf(out.logits.data(), vocab, first), 1e-4);
+  }
+  EXPECT_EQ(ArgMax(out.logits.data(), vocab), first);
+
+  in.seqs.resize(1);
+  in.seqs[0].block_table = {engine->options().num_gpu_blocks};  // out of range
+  EXPECT_EQ(engine->Step(in, &out).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(engine->health().ok()) << engine->health();
+  in.seqs[0].block_table = {0};
+  EXPECT_TRUE(engine->Step(in, &out).ok()) << "the group must still run after a rejected step";
+}
+
 void ExpectAllReaped(const std::vector<pid_t>& pids) {
   for (pid_t p : pids) EXPECT_EQ(::kill(p, 0), -1) << "worker pid " << p << " still exists";
 }
@@ -172,6 +211,7 @@ TEST(TensorParallelCpu, Fp32TwoWorkersMatchGoldenAndTp1UnderSwap) {
               tp1->seconds, tp2->seconds, static_cast<long long>(t.steps), 1.0 * t.wall_us / t.steps,
               1.0 * t.worker_us / t.steps, 1.0 * t.engine_us / t.steps,
               1.0 * (t.wall_us - t.worker_us) / t.steps);
+  ASSERT_NO_FATAL_FAILURE(CheckSamplingAndRejection(*engine));
   (*pool)->Shutdown();
   ExpectAllReaped(pids);
   const PoolHealth h = (*pool)->Health();
