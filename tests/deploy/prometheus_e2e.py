@@ -198,31 +198,38 @@ class Traffic:
 
     def _request(self, rng, **sampling):
         req = self.pb.GenerateRequest(text=rng.choice(PROMPTS).encode(), request_id="e2e")
-        req.sampling.max_tokens = sampling.get("max_tokens", rng.randint(8, 48))
+        req.sampling.max_tokens = sampling.get("max_tokens", rng.randint(8, 32))
         req.sampling.temperature = sampling.get("temperature", 0.8)
         req.sampling.seed = rng.randint(0, 1 << 30)
         return req
 
+    def _once(self):
+        """The outcomes that a healthy server produces rarely, each once, before the load."""
+        rng = random.Random(-1)
+        req = self._request(rng)
+        req.sampling.top_p = 1.5  # malformed: rejected with INVALID_ARGUMENT
+        try:
+            self.unary(req, timeout=10)
+            self._count("unexpected_ok")
+        except self.grpc.RpcError as e:
+            self._count(e.code().name.lower())
+        call = self.stream(self._request(rng, max_tokens=64), timeout=30)
+        try:  # a client that gives up mid-stream (outcome "cancelled")
+            next(call)
+            call.cancel()
+            self._count("cancelled")
+        except self.grpc.RpcError as e:
+            self._count("error_" + e.code().name.lower())
+
     def _loop(self, i):
         rng = random.Random(i)
+        if i == 0:
+            self._once()
         n = 0
         while not self.stop.is_set() and time.time() < self.deadline and n < 2000:
             n += 1
             try:
-                if n % 17 == 0:  # a client that gives up mid-stream (outcome "cancelled")
-                    call = self.stream(self._request(rng, max_tokens=64), timeout=10)
-                    next(call)
-                    call.cancel()
-                    self._count("cancelled")
-                elif n % 23 == 0:  # malformed: rejected with INVALID_ARGUMENT
-                    req = self._request(rng)
-                    req.sampling.top_p = 1.5
-                    try:
-                        self.unary(req, timeout=10)
-                        self._count("unexpected_ok")
-                    except self.grpc.RpcError as e:
-                        self._count(e.code().name.lower())
-                elif n % 2:
+                if n % 2:
                     for _ in self.stream(self._request(rng), timeout=30):
                         pass
                     self._count("ok_stream")
@@ -401,10 +408,16 @@ scrape_configs:
     traffic_start = time.time()
     time.sleep(args.traffic_seconds)
 
-    # The recording group evaluates every 15 s: wait for its first evaluation.
+    # Rules evaluate every second here; wait until requests have finished and been recorded.
     deadline = time.time() + 20
-    while time.time() < deadline and not has_data(prom.query("strata:generation_tokens:rate1m")):
+    while time.time() < deadline and not has_data(prom.query("strata:requests_finished:rate1m")):
         time.sleep(1)
+    for what, q in (("generation tokens/s", "sum(rate(strata_generation_tokens_total[15s]))"),
+                    ("mean step seconds", "sum(rate(strata_step_duration_seconds_sum[15s])) / "
+                                          "sum(rate(strata_step_duration_seconds_count[15s]))"),
+                    ("finished requests", "sum(strata_requests_total)")):
+        r = prom.query(q)
+        log(f"{what}: " + (r["data"]["result"][0]["value"][1] if has_data(r) else "no data"))
 
     # --- the scrape target
     up = prom.query(f'up{{job="{JOB}"}}')
