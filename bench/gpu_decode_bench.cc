@@ -83,7 +83,7 @@ struct Row {
 int main(int argc, char** argv) {
   using namespace strata;
   CLI::App app{"GPU decode step benchmark"};
-  std::string model = "llama-2-7b", dtype = "fp16", batches_s = "1,16,64,128", ctxs_s = "1024,4096";
+  std::string model = "llama-2-7b", dtype = "fp16", batches_s = "1,16,64,128", ctxs_s = "16,1024,4096";
   std::string kvs_s = "fp16,int8,fp8_e4m3,int4", markdown;
   int iters = 20, warmup = 3;
   double util = 0.9;
@@ -96,6 +96,9 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup);
   app.add_option("--gpu-memory-utilization", util);
   app.add_option("--markdown", markdown, "write the table here too");
+  bool compare_unfused = true;
+  app.add_option("--compare-unfused", compare_unfused,
+                 "also time the first KV dtype with the fused small-batch GEMV off (cuBLAS path)");
   CLI11_PARSE(app, argc, argv);
   std::vector<int> batches, ctxs;
   for (auto s : absl::StrSplit(batches_s, ',')) batches.push_back(std::stoi(std::string(s)));
@@ -120,8 +123,19 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   std::vector<Row> rows;
-  for (auto kv_name : absl::StrSplit(kvs_s, ',')) {
-    absl::StatusOr<KvFormat> fmt = ParseKvFormat(std::string(kv_name), "", WeightDtype::kFp16);
+  std::vector<std::pair<std::string, bool>> runs;  // (kv dtype, fused small batch)
+  for (auto kv_name : absl::StrSplit(kvs_s, ',')) runs.emplace_back(std::string(kv_name), true);
+  if (compare_unfused) runs.emplace_back(runs.front().first, false);
+  for (const auto& [kv_name, fused] : runs) {
+    std::vector<int> batches_run = batches;
+    if (!fused) {  // only the sizes the fused path serves
+      batches_run.clear();
+      for (int b : batches) {
+        if (b <= cuda_ops::kGemvMaxM) batches_run.push_back(b);
+      }
+      if (batches_run.empty()) continue;
+    }
+    absl::StatusOr<KvFormat> fmt = ParseKvFormat(kv_name, "", WeightDtype::kFp16);
     BENCH_CHECK(fmt.status());
     CudaEngineOptions o;
     o.engine.kv_format = *fmt;
@@ -132,6 +146,8 @@ int main(int argc, char** argv) {
     o.max_num_seqs = *std::max_element(batches.begin(), batches.end());
     o.max_logit_rows = o.max_num_seqs;
     o.max_num_tokens = std::max(2048, o.max_num_seqs);
+    o.fused_small_batch = fused;
+    const std::string label = KvFormatName(*fmt) + (fused ? "" : " (cuBLAS)");
     auto engine = CudaEngine::CreateDummy(*shape, o, 1);
     BENCH_CHECK(engine.status());
     CudaEngine& e = **engine;
@@ -146,7 +162,7 @@ int main(int argc, char** argv) {
     BENCH_CUDA(cudaEventCreate(&e1));
     std::mt19937 rng(5);
     for (int ctx : ctxs) {
-      for (int batch : batches) {
+      for (int batch : batches_run) {
         const int nb = (ctx + 15) / 16;
         const int shared = num_blocks - batch;
         if (shared < nb) {
@@ -186,7 +202,7 @@ int main(int argc, char** argv) {
         }
         const double bytes = static_cast<double>(e.weight_bytes_read_per_step()) +
                              static_cast<double>(batch) * ctx * kv_per_token;
-        Row r{KvFormatName(*fmt), batch, ctx, Median(t), Median(wall), bytes / bw * 1e3,
+        Row r{label, batch, ctx, Median(t), Median(wall), bytes / bw * 1e3,
               static_cast<double>(batch) * nb / num_blocks, 0};
         r.gbps = bytes / (r.ms * 1e-3) / 1e9;
         char line[256];

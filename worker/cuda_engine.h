@@ -7,7 +7,9 @@
 // attention (kernels/cuda: split-K decode, or prefill for mixed steps) ->
 // output projection accumulated into the residual (GEMM beta = 1) -> RMSNorm
 // -> fused gate/up GEMM -> SiLU*up -> down projection accumulated into the
-// residual. Logits for the requested rows only; sampling on the device, so a
+// residual. Steps of at most 4 tokens instead run the fused small-batch GEMV
+// of kernels/cuda_ops (RMSNorm / conversion / SwiGLU folded into the
+// projections: 5 launches per layer plus attention). Logits for the requested rows only; sampling on the device, so a
 // decode step sends only token ids (and asked-for log-probs) to the host.
 // Decode-only steps replay CUDA graphs captured per (batch bucket, context
 // bucket); mixed prefill + decode steps run eagerly.
@@ -52,6 +54,10 @@ struct CudaEngineOptions {
   // Decode batch sizes that get CUDA graphs (a decode step of n sequences
   // replays the smallest bucket >= n, padded). Empty: always eager.
   std::vector<int32_t> graph_batch_sizes = {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256};
+  // Steps of <= cuda_ops::kGemvMaxM tokens use the fused small-batch GEMV
+  // (RMSNorm, dtype conversion and SwiGLU folded into the projections)
+  // instead of cuBLAS + element-wise kernels.
+  bool fused_small_batch = true;
   int device = 0;
 };
 

@@ -50,11 +50,32 @@ absl::Status CudaEngine::Forward(const Plan& p) {
   }
   const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
+  const bool small = options_.fused_small_batch && cuda_ops::GemvSupported(T, d) &&
+                     cuda_ops::GemvSupported(T, q) && cuda_ops::GemvSupported(T, f);
+  auto gemv = [&](cuda_ops::GemvKind kind, const void* w, int64_t n_out, int64_t k, const void* x,
+                  const float* norm_w, void* y) {
+    cuda_ops::GemvArgs g;
+    g.kind = kind;
+    g.w = w;
+    g.n_out = static_cast<int32_t>(n_out);
+    g.k = static_cast<int32_t>(k);
+    g.m = T;
+    g.x = x;
+    g.norm_w = norm_w;
+    g.eps = c.rms_norm_eps;
+    g.y = y;
+    return cuda_ops::Gemv(g, act_, stream_);
+  };
+
   CUDA_RETURN_IF_ERROR(cuda_ops::Embed(embed_, act_, dev_.tokens, T, d, x_, stream_));
   for (int l = 0; l < c.num_layers; ++l) {
     const Layer& lw = layers_[l];
-    CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.attn_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
-    RETURN_IF_ERROR(Gemm(h_, lw.wqkv, qkv_, /*y_fp32=*/true, T, q + 2 * kv, d, false));
+    if (small) {
+      CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kNormF32, lw.wqkv, q + 2 * kv, d, x_, lw.attn_norm, qkv_));
+    } else {
+      CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.attn_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
+      RETURN_IF_ERROR(Gemm(h_, lw.wqkv, qkv_, /*y_fp32=*/true, T, q + 2 * kv, d, false));
+    }
     cuda_ops::RopeKvWriteArgs rw;
     rw.qkv = qkv_;
     rw.num_tokens = T;
@@ -81,6 +102,12 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     } else {
       CUDA_RETURN_IF_ERROR(cuda::PagedPrefillAttention(a, p.max_new_tokens, stream_));
     }
+    if (small) {
+      CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kF32AddF32, lw.wo, d, q, attn_, nullptr, x_));
+      CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kNormSiluMul, lw.wgu, f, d, x_, lw.mlp_norm, act_buf_));
+      CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kActAddF32, lw.wdown, d, f, act_buf_, nullptr, x_));
+      continue;
+    }
     CUDA_RETURN_IF_ERROR(cuda_ops::ConvertF32(attn_, int64_t{T} * q, attn_t_, act_, stream_));
     RETURN_IF_ERROR(Gemm(attn_t_, lw.wo, x_, true, T, d, q, /*accumulate=*/true));
     CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.mlp_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
@@ -94,9 +121,24 @@ absl::Status CudaEngine::Forward(const Plan& p) {
 absl::Status CudaEngine::LogitsChunk(const Plan& p, int32_t row0, int32_t rows, int32_t sample0,
                                      int32_t num_sample) {
   const ModelConfig& c = config_;
-  CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, final_norm_, dev_.logit_rows + row0, rows, c.hidden_size,
-                                         c.rms_norm_eps, hrows_, act_, stream_));
-  RETURN_IF_ERROR(Gemm(hrows_, lm_head_, logits_, true, rows, c.vocab_size, c.hidden_size, false));
+  if (options_.fused_small_batch && cuda_ops::GemvSupported(rows, c.hidden_size)) {
+    cuda_ops::GemvArgs g;
+    g.kind = cuda_ops::GemvKind::kNormF32;
+    g.w = lm_head_;
+    g.n_out = c.vocab_size;
+    g.k = c.hidden_size;
+    g.m = rows;
+    g.x = x_;
+    g.x_rows = dev_.logit_rows + row0;
+    g.norm_w = final_norm_;
+    g.eps = c.rms_norm_eps;
+    g.y = logits_;
+    CUDA_RETURN_IF_ERROR(cuda_ops::Gemv(g, act_, stream_));
+  } else {
+    CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, final_norm_, dev_.logit_rows + row0, rows, c.hidden_size,
+                                           c.rms_norm_eps, hrows_, act_, stream_));
+    RETURN_IF_ERROR(Gemm(hrows_, lm_head_, logits_, true, rows, c.vocab_size, c.hidden_size, false));
+  }
   if (num_sample > 0) {
     CUDA_RETURN_IF_ERROR(cuda_ops::SampleRows(logits_, c.vocab_size, dev_.sample + sample0, num_sample,
                                               dev_.sample_out + sample0, stream_));

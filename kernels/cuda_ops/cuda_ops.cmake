@@ -6,6 +6,7 @@ get_filename_component(STRATA_CUDA_OPS_ROOT "${CMAKE_CURRENT_LIST_DIR}/../.." AB
 
 add_library(strata_cuda_ops STATIC
   ${STRATA_CUDA_OPS_DIR}/elementwise.cu
+  ${STRATA_CUDA_OPS_DIR}/gemv.cu
   ${STRATA_CUDA_OPS_DIR}/rope_kv_write.cu
   ${STRATA_CUDA_OPS_DIR}/sampling.cu)
 target_include_directories(strata_cuda_ops PUBLIC ${STRATA_CUDA_OPS_ROOT})

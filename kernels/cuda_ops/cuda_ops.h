@@ -71,6 +71,40 @@ cudaError_t ConvertF32(const float* in, int64_t n, void* out, ActDtype out_dtype
 cudaError_t FillUniform(void* p, ActDtype dtype, int64_t n, uint64_t seed, float lo, float hi,
                         cudaStream_t stream);
 
+// ---- small-batch GEMV with fused prologue/epilogue -----------------------------
+//
+// Decode steps with a handful of tokens are pure weight streaming; cuBLAS
+// reaches ~70% of the copy bandwidth there and the element-wise kernels
+// around each GEMM cost a launch each. This GEMV streams W once with 16-byte
+// loads, stages the (transformed) activations in shared memory as fp32, and
+// fuses the neighbours of each projection of a LLaMA layer:
+//   kNormF32      y fp32  = W . T(rmsnorm(x[rows]))         (QKV, LM head)
+//   kF32AddF32    y fp32 += W . T(x)                         (attention out -> residual)
+//   kNormSiluMul  y T     = silu(T(Wg . n)) * T(Wu . n), n = T(rmsnorm(x))
+//                 (gate rows [0, n_out) then up rows [n_out, 2 n_out) of W)
+//   kActAddF32    y fp32 += W . x, x of T                    (down proj -> residual)
+// The roundings to T are the ones the unfused path (RmsNorm / ConvertF32 /
+// GEMM to T / SiluMul) makes, so both paths compute the same function up to
+// summation order. Accumulation in fp32.
+enum class GemvKind : uint8_t { kNormF32, kF32AddF32, kNormSiluMul, kActAddF32 };
+constexpr int kGemvMaxM = 4;
+struct GemvArgs {
+  GemvKind kind = GemvKind::kNormF32;
+  const void* w = nullptr;        // [n_out (x2 for kNormSiluMul)][k] of the act dtype
+  int32_t n_out = 0;              // output features
+  int32_t k = 0;                  // input features, multiple of 8
+  int32_t m = 0;                  // rows of x / y, 1..kGemvMaxM
+  const void* x = nullptr;        // [*][k]: fp32 (kNorm*, kF32AddF32) or T (kActAddF32)
+  const int32_t* x_rows = nullptr;  // kNorm*: row r reads x[x_rows[r]] (null: x[r])
+  const float* norm_w = nullptr;  // kNorm*: [k] fp32
+  float eps = 1e-5f;
+  void* y = nullptr;              // [m][n_out]: fp32, or T for kNormSiluMul
+};
+// Whether Gemv handles this shape (m <= kGemvMaxM, k % 8 == 0, the staged
+// activations fit in shared memory).
+bool GemvSupported(int32_t m, int32_t k);
+cudaError_t Gemv(const GemvArgs& args, ActDtype dtype, cudaStream_t stream);
+
 // ---- sampling ----------------------------------------------------------------
 
 constexpr int kMaxLogprobs = 20;

@@ -165,6 +165,90 @@ TEST_P(Dtypes, FillUniformIsDeterministicAndInRange) {
   EXPECT_NEAR(sq / n, 1.0 / 12, 3e-3);  // variance of U(-0.5, 0.5)
 }
 
+// Small-batch GEMV: every kind against a host reference that rounds its
+// inputs the way the unfused path does.
+TEST_P(Dtypes, GemvMatchesHostReference) {
+  SKIP_WITHOUT_GPU();
+  const ActDtype dt = GetParam();
+  const float rel = dt == ActDtype::kFp16 ? 2e-3f : 1.6e-2f;
+  auto round = [&](float v) { return FromBits(ToBits(v, dt), dt); };
+  struct Shape { int n, k; };
+  for (Shape sh : {Shape{37, 288}, Shape{1000, 4096}, Shape{513, 11008}}) {
+    for (int m = 1; m <= kGemvMaxM; ++m) {
+      if (!GemvSupported(m, sh.k)) continue;
+      for (GemvKind kind : {GemvKind::kNormF32, GemvKind::kF32AddF32, GemvKind::kNormSiluMul,
+                            GemvKind::kActAddF32}) {
+        SCOPED_TRACE(::testing::Message() << "n " << sh.n << " k " << sh.k << " m " << m << " kind " << int(kind));
+        const bool silu = kind == GemvKind::kNormSiluMul;
+        const int wrows = silu ? 2 * sh.n : sh.n;
+        const auto wf = Normal(int64_t{wrows} * sh.k, sh.k + m, 0.05f);
+        std::vector<uint16_t> wb(wf.size());
+        std::vector<float> w(wf.size());
+        for (size_t i = 0; i < wf.size(); ++i) wb[i] = ToBits(wf[i], dt), w[i] = FromBits(wb[i], dt);
+        const int xrows = m + 3;
+        const auto xf = Normal(int64_t{xrows} * sh.k, 3 * m + 1, 2.0f);
+        const auto nw = Normal(sh.k, 17);
+        std::vector<int32_t> rows(m);
+        for (int r = 0; r < m; ++r) rows[r] = (r * 2 + 1) % xrows;
+        // Host prologue.
+        std::vector<float> xin(int64_t{m} * sh.k);
+        std::vector<uint16_t> xact(xin.size());
+        for (int r = 0; r < m; ++r) {
+          if (kind == GemvKind::kNormF32 || silu) {
+            std::vector<float> normed(sh.k);
+            cpu::RmsNorm(&xf[int64_t{rows[r]} * sh.k], nw.data(), normed.data(), 1, sh.k, 1e-5f);
+            for (int i = 0; i < sh.k; ++i) xin[int64_t{r} * sh.k + i] = round(normed[i]);
+          } else {
+            for (int i = 0; i < sh.k; ++i) {
+              xact[int64_t{r} * sh.k + i] = ToBits(xf[int64_t{r} * sh.k + i], dt);
+              xin[int64_t{r} * sh.k + i] = round(xf[int64_t{r} * sh.k + i]);
+            }
+          }
+        }
+        const auto y0 = Normal(int64_t{m} * sh.n, 99);
+        Dev<uint16_t> d_w(wb), d_xact(xact), d_ysilu(int64_t{m} * sh.n);
+        Dev<float> d_x(xf), d_nw(nw), d_y(y0);
+        Dev<int32_t> d_rows(rows);
+        GemvArgs a;
+        a.kind = kind, a.w = d_w.p, a.n_out = sh.n, a.k = sh.k, a.m = m;
+        a.x = kind == GemvKind::kActAddF32 ? static_cast<const void*>(d_xact.p) : d_x.p;
+        a.x_rows = (kind == GemvKind::kNormF32 || silu) ? d_rows.p : nullptr;
+        a.norm_w = d_nw.p;
+        a.y = silu ? static_cast<void*>(d_ysilu.p) : d_y.p;
+        CUDA_ASSERT(Gemv(a, dt, nullptr));
+        CUDA_ASSERT(cudaDeviceSynchronize());
+        const auto gy = d_y.Get();
+        const auto gs = d_ysilu.Get();
+        for (int r = 0; r < m; ++r) {
+          for (int j = 0; j < sh.n; ++j) {
+            auto dot = [&](int row, double* mag) {
+              double s = 0;
+              *mag = 0;
+              for (int i = 0; i < sh.k; ++i) {
+                const double p = double{w[int64_t{row} * sh.k + i]} * xin[int64_t{r} * sh.k + i];
+                s += p, *mag += std::fabs(p);
+              }
+              return s;
+            };
+            double mag, mag2;
+            const double d = dot(j, &mag);
+            if (silu) {
+              const double u = dot(sh.n + j, &mag2);
+              const double g = round(static_cast<float>(d)), up = round(static_cast<float>(u));
+              const double want = g / (1 + std::exp(-g)) * up;
+              const double tol = 3 * rel * (std::fabs(want) + (mag + mag2) * (std::fabs(g) + std::fabs(up) + 1)) + 1e-6;
+              ASSERT_NEAR(FromBits(gs[int64_t{r} * sh.n + j], dt), want, tol) << r << " " << j;
+            } else {
+              const double base = kind == GemvKind::kNormF32 ? 0.0 : y0[int64_t{r} * sh.n + j];
+              ASSERT_NEAR(gy[int64_t{r} * sh.n + j], base + d, 1e-4 * mag + 1e-5) << r << " " << j;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Half, Dtypes, ::testing::Values(ActDtype::kFp16, ActDtype::kBf16),
                          [](const auto& i) { return i.param == ActDtype::kFp16 ? "fp16" : "bf16"; });
 
