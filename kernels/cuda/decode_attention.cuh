@@ -415,7 +415,7 @@ cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
   p.region_floats = p.logit_cap * G > kDecodeWarps * G * HD ? p.logit_cap * G : kDecodeWarps * G * HD;
   p.q_scale = a.softmax_scale * kLog2e;
   const int blk_ints = (p.partition >> p.log2_bs) + 1;
-  const int smem = (p.region_floats + blk_ints + 2 * G) * 4;
+  const int smem = (p.region_floats + blk_ints + 3 * G) * 4;  // + [3][G] stats
   const dim3 grid(l.plan.max_splits, a.cache.layout.num_kv_heads * p.groups_per_kv,
                   a.batch.num_seqs);
   if constexpr (kMmaFormat<D>) {

@@ -201,7 +201,16 @@ struct MmaCfg {
   static constexpr bool kVContig = kUnits % 8 == 0;
   static constexpr int kBlocks = kUpl * (kUnitDims / 2);
   static constexpr int kRowBytes = HD * KvDtypeBits(D) / 8;
-  static constexpr int kUnroll = 2;  // tiles per warp per iteration
+  // Tiles per warp per iteration: the loads of all of them are in flight
+  // together. The first GPU run (U = 2) was latency-bound: int4 (2 KB per warp
+  // in flight) ran no faster than int8 (4 KB). Aim at ~8 KB per warp, within
+  // 64 (int4: 48) data registers per lane so that nothing spills at 128.
+  static constexpr int kKRegsPerTile = 2 * kKWords;
+  static constexpr int kVRegsPerTile = 4 * kUpl;
+  static constexpr int kMaxRegsPerTile = kKRegsPerTile > kVRegsPerTile ? kKRegsPerTile : kVRegsPerTile;
+  static constexpr int kUnrollBytes = 8192 / (16 * kRowBytes);
+  static constexpr int kUnrollRegs = (kInt4 ? 48 : 64) / kMaxRegsPerTile;  // int4: 64 spilled
+  static constexpr int kUnroll = ClampInt(kUnrollBytes < kUnrollRegs ? kUnrollBytes : kUnrollRegs, 1, 8);
 };
 
 // Group index of (lane c, p) in the K pass; unit index of (lane g, i) in the V pass.
@@ -368,7 +377,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   // ---- K pass ---------------------------------------------------------------
   for (int tile0 = warp; tile0 < ntiles; tile0 += kMmaWarps * kU) {
     uint32_t kw[kU][2][Cfg::kKWords];
-    float ks_[kU][2], kz_[kU][2];
+    uint32_t kmeta[kU][2];  // dynamic: fp16 scale bits | zero byte << 16 (rows g, g+8)
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int tile = tile0 + u * kMmaWarps;
@@ -381,11 +390,11 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         if constexpr (kDynamic) {
           const unsigned short* sc =
               reinterpret_cast<const unsigned short*>(blk + lay.k_scale) + idx;
-          ks_[u][0] = Half2ToFloat2(__ldg(sc + g)).x;
-          ks_[u][1] = Half2ToFloat2(__ldg(sc + g + 8)).x;
-          if constexpr (kInt) {
-            kz_[u][0] = qmath::ZeroFromBits(D, __ldg(blk + lay.k_zero + idx + g));
-            kz_[u][1] = qmath::ZeroFromBits(D, __ldg(blk + lay.k_zero + idx + g + 8));
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            uint32_t meta = __ldg(sc + g + 8 * r);
+            if constexpr (kInt) meta |= static_cast<uint32_t>(__ldg(blk + lay.k_zero + idx + g + 8 * r)) << 16;
+            kmeta[u][r] = meta;
           }
         }
       }
@@ -396,11 +405,16 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       if (tile >= ntiles) break;  // warp-uniform
       IntSub sub0, sub1;
       if constexpr (kInt) {
-        const float z0 = kDynamic ? kz_[u][0] : 0.0f, z1 = kDynamic ? kz_[u][1] : 0.0f;
+        float z0 = 0.0f, z1 = 0.0f;
+        if constexpr (kDynamic) {
+          z0 = qmath::ZeroFromBits(D, static_cast<uint8_t>(kmeta[u][0] >> 16));
+          z1 = qmath::ZeroFromBits(D, static_cast<uint8_t>(kmeta[u][1] >> 16));
+        }
         sub0 = MakeSub<D>(z0, z0);
         sub1 = MakeSub<D>(z1, z1);
       }
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      // Two independent accumulation chains (hi and lo query parts).
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int gi = 0; gi < Cfg::kGpl; ++gi) {
         uint32_t r0[2][2], r1[2][2];
@@ -409,9 +423,11 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
           Mma16816(acc, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
-          Mma16816(acc, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0], ql[gi][ks][1]);
+          Mma16816(acc_lo, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0], ql[gi][ks][1]);
         }
       }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[k] += acc_lo[k];
       // acc: (token g, head 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -423,7 +439,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
             float lg = acc[2 * r + k];
             if constexpr (kStatic && kInt) lg = fmaf(-static_kz, qsum[k], lg);
             if constexpr (kStatic) lg *= static_ks;
-            if constexpr (kDynamic) lg *= ks_[u][r];
+            if constexpr (kDynamic) lg *= Half2ToFloat2(kmeta[u][r] & 0xFFFFu).x;
             logits[t * G + h] = t < n ? lg : -INFINITY;
           }
         }
@@ -433,34 +449,60 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   __syncthreads();
 
   // ---- softmax ----------------------------------------------------------------
+  // The V weights (p, or p * s_t with s_t the token's V scale in dynamic mode)
+  // are multiplied by a per-head power of two f that puts their maximum near
+  // 2^14, so that their fp16 hi/lo parts stay normal down to tiny weights (a
+  // second GPU run showed fp8 scales ~1e-5 times small p underflowing fp16).
   const int npad = ntiles * 16;
   for (int h = warp; h < G; h += kMmaWarps) {
     float m = -INFINITY;
     for (int t = lane; t < n; t += 32) m = fmaxf(m, logits[t * G + h]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float sum = 0.0f;
+    float sum = 0.0f, wmax = 0.0f;
     for (int t = lane; t < npad; t += 32) {
       const float e = t < n ? exp2f(logits[t * G + h] - m) : 0.0f;
-      logits[t * G + h] = e;
       sum += e;
+      float w = e;
+      if constexpr (kDynamic) {
+        if (t < n) {
+          const int at = start + t;
+          const int32_t b = sblk[(at >> p.log2_bs) - first_blk];
+          const unsigned short* sc = reinterpret_cast<const unsigned short*>(
+              pool + static_cast<int64_t>(b) * block_bytes + lay.v_scale);
+          w = e * Half2ToFloat2(__ldg(sc + head_row + (at & bs_mask))).x;
+        }
+      }
+      wmax = fmaxf(wmax, w);
+      logits[t * G + h] = w;
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    for (int o = 16; o > 0; o >>= 1) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
+    }
     if (lane == 0) {
       sml[h] = m;
       sml[G + h] = sum;
+      float f = 1.0f;
+      if (wmax > 0.0f) {
+        int ex;
+        frexpf(wmax, &ex);  // wmax < 2^ex
+        f = ldexpf(1.0f, 14 - ex);
+      }
+      sml[2 * G + h] = f;
     }
   }
   __syncthreads();
 
   // ---- V pass -------------------------------------------------------------------
+  const float wscale = g < G ? sml[2 * G + g] : 1.0f;  // f of head g
   float acc[Cfg::kBlocks][4];
 #pragma unroll
   for (int b = 0; b < Cfg::kBlocks; ++b) acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = 0.0f;
   for (int tile0 = warp; tile0 < ntiles; tile0 += kMmaWarps * kU) {
     uint32_t vw[kU][4][Cfg::kUpl];
-    float vs_[kU][4], vz_[kU][4];
+    uint32_t vzb[kU];  // dynamic int: zero bytes of tokens 4c..4c+3
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int tile = tile0 + u * kMmaWarps;
@@ -471,19 +513,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
 #pragma unroll
         for (int i = 0; i < 4; ++i) LoadVRow<Cfg>(row + (4 * c + i) * Cfg::kRowBytes, g, vw[u][i]);
         if constexpr (kDynamic) {
-          const uint2 sb = __ldg(reinterpret_cast<const uint2*>(
-              reinterpret_cast<const unsigned short*>(blk + lay.v_scale) + idx + 4 * c));
-          const float2 s01 = Half2ToFloat2(sb.x), s23 = Half2ToFloat2(sb.y);
-          vs_[u][0] = s01.x;
-          vs_[u][1] = s01.y;
-          vs_[u][2] = s23.x;
-          vs_[u][3] = s23.y;
           if constexpr (kInt) {
-            const uint32_t zb = __ldg(reinterpret_cast<const uint32_t*>(blk + lay.v_zero + idx + 4 * c));
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              vz_[u][i] = qmath::ZeroFromBits(D, static_cast<uint8_t>(zb >> (8 * i)));
-            }
+            vzb[u] = __ldg(reinterpret_cast<const uint32_t*>(blk + lay.v_zero + idx + 4 * c));
           }
         }
       }
@@ -499,7 +530,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         const int t = tile * 16 + 4 * c + i;
         const bool ok = t < n && g < G;
         float x = ok ? logits[t * G + (g < G ? g : 0)] : 0.0f;
-        if constexpr (kDynamic) x = ok ? x * vs_[u][i] : 0.0f;
+        x *= wscale;
         w[i] = x;
         if (t >= n) {
 #pragma unroll
@@ -514,8 +545,9 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         if constexpr (kDynamic) {
           const bool ok0 = tile * 16 + 4 * c < n, ok1 = tile * 16 + 4 * c + 1 < n;
           const bool ok2 = tile * 16 + 4 * c + 2 < n, ok3 = tile * 16 + 4 * c + 3 < n;
-          sub01 = MakeSub<D>(ok0 ? vz_[u][0] : 0.0f, ok1 ? vz_[u][1] : 0.0f);
-          sub23 = MakeSub<D>(ok2 ? vz_[u][2] : 0.0f, ok3 ? vz_[u][3] : 0.0f);
+          auto z = [&](int i) { return qmath::ZeroFromBits(D, static_cast<uint8_t>(vzb[u] >> (8 * i))); };
+          sub01 = MakeSub<D>(ok0 ? z(0) : 0.0f, ok1 ? z(1) : 0.0f);
+          sub23 = MakeSub<D>(ok2 ? z(2) : 0.0f, ok3 ? z(3) : 0.0f);
         } else {
           sub01 = sub23 = MakeSub<D>(0.0f, 0.0f);
         }
@@ -559,6 +591,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) v += red[w * G * HD + i];
     const int h = i / HD, d = i % HD;
+    v *= 1.0f / sml[2 * G + h];  // exact: f is a power of two
     if constexpr (kStatic) {
       if constexpr (kInt) v = fmaf(-static_vz, sml[G + h], v);
       v *= static_vs;

@@ -53,7 +53,7 @@ run() {
   tail -3 "$out/memcheck.log"
   timeout 180 compute-sanitizer --tool racecheck --error-exitcode 3 \
     "$BUNDLE/kernels_kv_cache_cuda_test" \
-    --gtest_filter='Matrix/CudaKvTest.DecodeMatchesCpu/fp16_none_hd64_bs16_g4:Matrix/CudaKvTest.PrefillMatchesCpu/int8_dynamic_hd64_bs16_g4' --gtest_brief=1 \
+    --gtest_filter='Matrix/CudaKvTest.DecodeMatchesCpu/int8_dynamic_hd64_bs16_g4:Matrix/CudaKvTest.DecodeMatchesCpu/fp16_none_hd64_bs16_g4' --gtest_brief=1 \
     > "$out/racecheck.log" 2>&1
   local rc_rc=$?
   tail -3 "$out/racecheck.log"
@@ -64,7 +64,7 @@ run() {
   grep -E 'device:|bandwidth|sweep' "$out/bench.log"
   sed -n '/^| context/,$p' "$out/bench.log"
   echo "== ncu (ctx 4096, one call per format; --clock-control none)"
-  timeout 150 ncu --clock-control none -k regex:DecodeKernel --csv \
+  timeout 150 ncu --clock-control none -k regex:Decode --csv \
     --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,l1tex__t_sector_hit_rate.pct,dram__bytes_read.sum \
     "$BUNDLE/decode_attention_bench" --ctx 4096 --iters 1 --warmup 0 > "$out/ncu.csv" 2>&1
   echo "ncu rc=$?"
@@ -72,9 +72,9 @@ run() {
   for k in '_ZN6strata4cuda6detail15DecodeMmaKernelILNS_7KvDtypeE5ELNS_11KvScaleModeE2ELi128ELi4EEEvNS1_12DecodeParamsE' \
            '_ZN6strata4cuda6detail15DecodeMmaKernelILNS_7KvDtypeE6ELNS_11KvScaleModeE2ELi128ELi4EEEvNS1_12DecodeParamsE'; do
     echo "== $k"
-    cuobjdump -sass -arch sm_90a -fun "$k" "$BUNDLE/decode_attention_bench" |
-      grep -oE '^ +/\*[0-9a-f]{4}\*/ +[^;]*;' | sed -E 's@^ +/\*[0-9a-f]+\*/ +(@!?U?P[0-9T]+ +)?@@' |
-      awk '{print $1}' | sort | uniq -c | sort -rn | head -40
+    cuobjdump -sass -fun "$k" "$BUNDLE/decode_attention_bench" 2>/dev/null |
+      awk '/\/\*[0-9a-f]+\*\// { for (i = 1; i <= NF; ++i) { if ($i ~ /^\/\*/ || $i ~ /^@/ || $i == "{") continue; sub(/\..*/, "", $i); print $i; break } }' |
+      sort | uniq -c | sort -rn | head -40
   done > "$out/sass.txt" 2>&1
   echo "rc: tests=$test_rc memcheck=$mc_rc racecheck=$rc_rc bench=$bench_rc"
 }
