@@ -11,8 +11,10 @@ cd "$(dirname "$0")/.."
 out="${1:-docs/dashboard.png}"
 dump="$(mktemp --suffix=.json)"
 trap 'rm -f "$dump"' EXIT
-# A little longer than the test's default so the panels show a few minutes' shape.
-tests/deploy/prometheus_e2e.sh --dump-range "$dump" --traffic-seconds 40 \
-  --serve-arg=--max-num-seqs=6 --serve-arg=--kv-cache-memory=0.004 --serve-arg=--swap-space=0.002
+# Longer than the test's default, more clients than the tiny KV pool holds (about 10 blocks of
+# 16 tokens, swap space about as large), so the panels also show preemption and swap.
+tests/deploy/prometheus_e2e.sh --dump-range "$dump" --traffic-seconds 45 --clients 8 \
+  --serve-arg=--max-num-seqs=8 --serve-arg=--kv-cache-memory=0.002 --serve-arg=--swap-space=0.002 \
+  --serve-arg=--preemption-mode=swap
 mkdir -p "$(dirname "$out")"
 /usr/bin/python3 deploy/grafana/plot_dashboard.py "$dump" "$out"

@@ -309,6 +309,7 @@ def main():
     ap.add_argument("--prometheus", default=shutil.which("prometheus") or "/usr/bin/prometheus")
     ap.add_argument("--promtool", default=shutil.which("promtool") or "/usr/bin/promtool")
     ap.add_argument("--traffic-seconds", type=float, default=25.0)
+    ap.add_argument("--clients", type=int, default=4, help="concurrent client threads")
     ap.add_argument("--timeout", type=float, default=110.0, help="hard limit for the whole test")
     ap.add_argument("--dump-range", help="write each panel's range query result (JSON) here")
     ap.add_argument("--keep-dir", help="keep logs and Prometheus data in this directory")
@@ -404,7 +405,8 @@ scrape_configs:
         return 1
 
     # --- traffic, while Prometheus scrapes
-    traffic = Traffic(grpc, pb, channel, deadline_s=args.traffic_seconds + 30)
+    traffic = Traffic(grpc, pb, channel, threads=args.clients,
+                      deadline_s=args.traffic_seconds + 30)
     traffic_start = time.time()
     time.sleep(args.traffic_seconds)
 
