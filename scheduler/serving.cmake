@@ -20,7 +20,7 @@ add_library(strata_serving STATIC
   ${STRATA_SERVER_DIR}/load_progress.cc
   ${STRATA_SERVER_DIR}/client.cc)
 target_link_libraries(strata_serving PUBLIC strata_serving_core strata_cpu_engine strata_model_io
-                      strata_block_manager gRPC::grpc++ gRPC::grpc++_reflection
+                      strata_block_manager strata_remote_engine gRPC::grpc++ gRPC::grpc++_reflection
                       Threads::Threads)
 
 target_link_libraries(strata PRIVATE strata_serving)
@@ -44,3 +44,11 @@ foreach(t serving_e2e_test serving_process_test)
     LABELS serving)
   add_dependencies(${t} strata)
 endforeach()
+
+# `strata serve --tp 2` with real strata-worker processes (scheduler/tp.cmake).
+strata_cc_test(serving_tp_test
+  SRCS ${CMAKE_SOURCE_DIR}/tests/serving_tp_test.cc
+  DEPS strata_serving_test_util strata_proto_v1_generation strata_test_data
+  LABELS serving tp)
+target_compile_definitions(serving_tp_test PRIVATE STRATA_WORKER_PATH="$<TARGET_FILE:strata-worker>")
+add_dependencies(serving_tp_test strata strata-worker)

@@ -147,8 +147,14 @@ int main(int argc, char** argv) {
   e.model_path = DefaultModelPath();
   CLI::App* srv = app.add_subcommand("serve", "Serve the strata.v1.Generation gRPC API");
   srv->add_option("--model", e.model_path, "Model directory or llama2.c .bin")->capture_default_str();
-  srv->add_option("--tp", e.tp, "Tensor-parallel size (only 1 until worker processes are integrated)")
+  srv->add_option("--tp", e.tp, "Tensor-parallel ranks: > 1 starts that many strata-worker processes")
       ->capture_default_str();
+  srv->add_flag("--worker-processes", e.worker_processes,
+                "Run the engine in strata-worker processes even with --tp 1");
+  srv->add_option("--worker-binary", e.worker_binary,
+                  "strata-worker executable (default: next to strata, ../worker/, or $PATH)");
+  srv->add_option("--worker-ready-timeout", e.worker_ready_timeout_s,
+                  "Seconds to wait for the workers to load the model")->capture_default_str();
   srv->add_option("--device", e.device, "cpu or cuda")->capture_default_str();
   srv->add_option("--kv-cache-dtype", e.kv_cache_dtype,
                   "auto, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int8, int4")->capture_default_str();
@@ -160,7 +166,8 @@ int main(int argc, char** argv) {
                   "Share of free memory for the KV cache (--device cpu: of MemAvailable, unless "
                   "--kv-cache-memory is given)")->capture_default_str();
   srv->add_option("--kv-cache-memory", e.kv_cache_memory_gib,
-                  "--device cpu: KV cache size in GiB (0 = derive from --gpu-memory-utilization)")
+                  "--device cpu: KV cache GiB per engine process / rank (0 = derive from "
+                  "--gpu-memory-utilization)")
       ->capture_default_str();
   srv->add_option("--block-size", e.block_size, "Tokens per KV block")->capture_default_str();
   srv->add_option("--max-num-seqs", e.max_num_seqs, "Sequences running at once")->capture_default_str();

@@ -153,11 +153,14 @@ TEST(ServingProcessTest, SigtermShutsDownCleanly) {
 }
 
 TEST(ServingProcessTest, RefusesUnsupportedFlags) {
-  const auto tp = RunCommand({testing::StrataCli(), "serve", "--port", "0", "--tp", "2"},
+  const auto tp = RunCommand({testing::StrataCli(), "serve", "--port", "0", "--tp", "0"},
                              std::chrono::seconds(120));
   EXPECT_EQ(tp.exit_code, 2);
-  EXPECT_NE(tp.err.find("UNIMPLEMENTED"), std::string::npos) << tp.err;
-  EXPECT_NE(tp.err.find("--tp"), std::string::npos) << tp.err;
+  EXPECT_NE(tp.err.find("INVALID_ARGUMENT: --tp must be >= 1"), std::string::npos) << tp.err;
+  const auto cuda = RunCommand({testing::StrataCli(), "serve", "--port", "0", "--device", "cuda"},
+                               std::chrono::seconds(120));
+  EXPECT_EQ(cuda.exit_code, 2);
+  EXPECT_NE(cuda.err.find("UNIMPLEMENTED: --device cuda"), std::string::npos) << cuda.err;
   const auto dev = RunCommand({testing::StrataCli(), "serve", "--port", "0", "--device", "tpu"},
                               std::chrono::seconds(120));
   EXPECT_EQ(dev.exit_code, 2);

@@ -250,4 +250,44 @@ int HealthStatus(grpc::Channel* channel, const std::string& service) {
   return resp.empty() ? 0 : -1;  // UNKNOWN (0) is encoded as an empty message
 }
 
+namespace {
+
+// State and parent pid from /proc/<pid>/stat ("pid (comm) S ppid ...").
+bool ReadStat(pid_t pid, char* state, pid_t* ppid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return false;
+  const size_t close = line.rfind(')');
+  if (close == std::string::npos) return false;
+  std::istringstream rest(line.substr(close + 1));
+  return static_cast<bool>(rest >> *state >> *ppid);
+}
+
+}  // namespace
+
+std::vector<pid_t> ChildPids(pid_t parent) {
+  std::vector<pid_t> out;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(name));
+    char state = 0;
+    pid_t ppid = 0;
+    if (ReadStat(pid, &state, &ppid) && ppid == parent && state != 'Z') out.push_back(pid);
+  }
+  return out;
+}
+
+bool WaitProcessGone(pid_t pid, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    char state = 0;
+    pid_t ppid = 0;
+    if (!ReadStat(pid, &state, &ppid) || state == 'Z') return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
 }  // namespace strata::testing

@@ -73,4 +73,9 @@ int HealthStatus(grpc::Channel* channel, const std::string& service);
 
 std::string MakeTempDir();
 
+// Live child processes of `parent` (from /proc).
+std::vector<pid_t> ChildPids(pid_t parent);
+// True once `pid` no longer exists (or is a zombie), waiting up to `timeout`.
+bool WaitProcessGone(pid_t pid, std::chrono::milliseconds timeout);
+
 }  // namespace strata::testing

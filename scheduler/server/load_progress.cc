@@ -60,12 +60,24 @@ void LoadProgress::Run() {
 
 void LoadProgress::Report(bool final) {
   const double grown = static_cast<double>(std::max<int64_t>(ResidentBytes() - rss0_, 0));
-  const double frac = final ? 1.0 : std::min(0.99, grown / static_cast<double>(expected_.load()));
+  // No estimate (the work happens in worker processes): elapsed time only.
+  const bool estimate = expected_.load() > 1;
+  const double frac =
+      final ? 1.0 : estimate ? std::min(0.99, grown / static_cast<double>(expected_.load())) : 0.0;
   const double secs = absl::ToDoubleSeconds(absl::Now() - start_);
   std::string phase;
   {
     absl::MutexLock lock(&mu_);
     phase = final ? "done" : phase_;
+  }
+  if (!estimate && !final) {
+    if (tty_) {
+      std::fprintf(stderr, "\rloading: %-12s %6.1f s", phase.c_str(), secs);
+      std::fflush(stderr);
+    } else {
+      spdlog::info("loading: {} ({:.1f} s)", phase, secs);
+    }
+    return;
   }
   if (tty_) {
     constexpr int kWidth = 30;

@@ -4,7 +4,9 @@
 // The loaders report no progress of their own, so progress is estimated
 // from the growth of this process's resident memory against the bytes the
 // load is expected to touch (mapped checkpoint pages, host weights, the KV
-// pool). It is an estimate: it is capped at 99% until Done().
+// pool). It is an estimate: it is capped at 99% until Done(). Without an
+// expected size (loading happens in worker processes) only the step and the
+// elapsed time are shown.
 #pragma once
 
 #include <atomic>

@@ -1,10 +1,12 @@
 #include "scheduler/server/model_loader.h"
 
+#include <cstdlib>
 #include <filesystem>
 #include <optional>
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "runtime/kv_capacity.h"
 #include "runtime/kv_format_util.h"
 #include "runtime/kv_quant_params.h"
@@ -15,9 +17,10 @@
 #include "worker/cpu_engine.h"
 
 namespace strata::serving {
-namespace {
 
 namespace fs = std::filesystem;
+
+namespace {
 
 // Checkpoint bytes and how many bytes of fp32 host weights they become.
 std::pair<int64_t, int64_t> CheckpointBytes(const std::string& path) {
@@ -46,15 +49,10 @@ absl::Status ValidateEngineConfig(const EngineConfig& c) {
     return absl::InvalidArgumentError(
         absl::StrCat("--device must be cpu or cuda, got \"", c.device, "\""));
   }
-  if (c.tp > 1) {
-    return absl::UnimplementedError(absl::StrCat(
-        "--tp ", c.tp, ": tensor parallelism needs the worker processes (strata-worker, "
-        "WorkerPool, RemoteEngine), which `strata serve` does not integrate yet; use --tp 1"));
-  }
   if (c.device == "cuda") {
     return absl::UnimplementedError(
-        "--device cuda: serving on GPUs goes through the worker processes (strata-worker), "
-        "which `strata serve` does not integrate yet; use --device cpu");
+        "--device cuda: strata-worker runs the CPU engine only so far, and `strata serve` drives "
+        "GPUs only through workers; use --device cpu (--tp N for N CPU worker processes)");
   }
   if (!(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("--gpu-memory-utilization must be in (0, 1], got ",
@@ -80,8 +78,94 @@ absl::Status ValidateEngineConfig(const EngineConfig& c) {
   return absl::OkStatus();
 }
 
+namespace {
+
+std::string FindWorkerBinary(const std::string& flag) {
+  if (!flag.empty()) return flag;
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (const fs::path& p : {self.parent_path() / "strata-worker",
+                              self.parent_path().parent_path() / "worker" / "strata-worker"}) {
+      if (fs::exists(p, ec)) return p.string();
+    }
+  }
+  if (const char* path = std::getenv("PATH")) {
+    for (absl::string_view dir : absl::StrSplit(path, ':')) {
+      const fs::path p = fs::path(std::string(dir)) / "strata-worker";
+      if (!dir.empty() && fs::exists(p, ec)) return p.string();
+    }
+  }
+  return "strata-worker";  // WorkerPool::Start reports it as not executable
+}
+
+// N strata-worker processes behind a RemoteEngine.
+absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedModel* out) {
+  const fs::path config_path = fs::path(c.model_path) / "config.json";
+  std::optional<ModelConfig> config;
+  if (fs::exists(config_path)) {
+    ASSIGN_OR_RETURN(config, LoadHfConfig(config_path.string()));
+  }
+  WorkerPoolOptions wo;
+  wo.worker_binary = FindWorkerBinary(c.worker_binary);
+  RemoteEngineOptions& e = wo.engine;
+  e.world_size = c.tp;
+  e.model_path = c.model_path;
+  ASSIGN_OR_RETURN(e.kv_format, ParseKvFormat(c.kv_cache_dtype, c.kv_scale_mode,
+                                              config ? config->torch_dtype : WeightDtype::kFp32));
+  e.block_size = c.block_size;
+  e.kv_quant_params_path = c.kv_quant_params_path;
+  const int32_t context = c.max_model_len > 0   ? c.max_model_len
+                          : config.has_value() ? config->max_position_embeddings
+                                               : 4096;
+  if (c.kv_cache_memory_gib > 0.0) {
+    wo.kv_cache_memory_bytes = static_cast<int64_t>(c.kv_cache_memory_gib * (int64_t{1} << 30));
+  } else {
+    wo.kv_cache_memory_bytes = static_cast<int64_t>(
+        c.gpu_memory_utilization * static_cast<double>(AvailableMemoryBytes()) / c.tp);
+    e.max_gpu_blocks = c.max_num_seqs * ((context + c.block_size - 1) / c.block_size);
+  }
+  wo.swap_space_gib = c.swap_space_gib;
+  progress->Phase("workers");
+  spdlog::info("starting {} worker process(es): {}", c.tp, wo.worker_binary);
+  ASSIGN_OR_RETURN(out->pool, WorkerPool::Start(wo));
+  absl::StatusOr<RemoteEngine*> engine =
+      out->pool->WaitReady(absl::Milliseconds(static_cast<int64_t>(c.worker_ready_timeout_s * 1000)));
+  if (!engine.ok()) {
+    out->pool->Shutdown();
+    return engine.status();
+  }
+  out->engine = *engine;
+  out->kv_bytes_per_block = (*engine)->kv_bytes_per_block();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<LoadedModel> LoadModel(const EngineConfig& c, LoadProgress* progress) {
   RETURN_IF_ERROR(ValidateEngineConfig(c));
+  if (c.tp > 1 || c.worker_processes) {
+    LoadedModel out;
+    progress->Phase("tokenizer");
+    const fs::path model_dir = fs::is_directory(c.model_path) ? fs::path(c.model_path)
+                                                              : fs::path(c.model_path).parent_path();
+    ASSIGN_OR_RETURN(out.tokenizer, Tokenizer::LoadFromDirectory(model_dir.string()));
+    RETURN_IF_ERROR(StartWorkers(c, progress, &out));
+    const ModelConfig& config = out.engine->config();
+    if (out.tokenizer->vocab_size() != config.vocab_size) {
+      out.Shutdown();
+      return absl::InvalidArgumentError(absl::StrCat(
+          model_dir.string(), ": tokenizer has ", out.tokenizer->vocab_size(),
+          " pieces but the model's vocab_size is ", config.vocab_size));
+    }
+    out.max_model_len = c.max_model_len == 0 ? config.max_position_embeddings
+                                             : std::min(c.max_model_len, config.max_position_embeddings);
+    const EngineOptions& eo = out.engine->options();
+    spdlog::info("KV cache {} on {} worker(s): {} blocks of {} tokens ({} bytes each per rank) + {} "
+                 "swap blocks", KvFormatName(eo.kv_format), c.tp, eo.num_gpu_blocks, eo.block_size,
+                 out.kv_bytes_per_block, eo.num_cpu_blocks);
+    return out;
+  }
   const auto [file_bytes, fp32_bytes] = CheckpointBytes(c.model_path);
   // Mapped checkpoint + fp32 host weights + the engine's fused copies.
   progress->Expect(file_bytes + 2 * fp32_bytes);
@@ -151,7 +235,8 @@ absl::StatusOr<LoadedModel> LoadModel(const EngineConfig& c, LoadProgress* progr
   ASSIGN_OR_RETURN(std::unique_ptr<CpuEngine> engine,
                    CpuEngine::Create(std::move(weights), eo, std::move(params)));
   out.kv_bytes_per_block = engine->kv_bytes_per_block();
-  out.engine = std::move(engine);
+  out.engine = engine.get();
+  out.in_process = std::move(engine);
   spdlog::info("KV cache {}: {} blocks of {} tokens ({} bytes each) + {} swap blocks",
                KvFormatName(eo.kv_format), eo.num_gpu_blocks, eo.block_size,
                out.kv_bytes_per_block, eo.num_cpu_blocks);

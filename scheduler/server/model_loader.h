@@ -2,15 +2,20 @@
 // plans the KV pools (runtime/kv_capacity.h) and creates the engine behind
 // the Engine interface.
 //
-// Today: the in-process CpuEngine (--device cpu, --tp 1). --tp > 1 and
-// --device cuda need the worker processes (strata-worker + WorkerPool +
-// RemoteEngine), which are not integrated yet: they return UNIMPLEMENTED.
+// Engines:
+//  * --device cpu --tp 1: the in-process CpuEngine (no child processes);
+//  * --device cpu --tp N > 1 (or --worker-processes): N strata-worker
+//    processes started by a WorkerPool, driven through its RemoteEngine
+//    (scheduler/worker_pool.h); they are children of this process and die
+//    with it;
+//  * --device cuda: UNIMPLEMENTED (strata-worker runs the CPU engine only).
 //
-// KV pool for --device cpu (main memory): --kv-cache-memory GiB when given;
-// otherwise --gpu-memory-utilization x MemAvailable (measured after the
-// weights are loaded), capped at what --max-num-seqs full-context sequences
-// can use (more blocks would only extend the prefix cache). Swap pool:
-// --swap-space GiB.
+// KV pool (main memory for --device cpu), per engine process, i.e. per rank
+// with workers: --kv-cache-memory GiB when given; otherwise
+// --gpu-memory-utilization x MemAvailable (in-process: measured after the
+// weights are loaded; workers: divided by the ranks), capped at what
+// --max-num-seqs full-context sequences can use (more blocks would only
+// extend the prefix cache). Swap pool: --swap-space GiB (per rank).
 #pragma once
 
 #include <cstdint>
@@ -21,6 +26,7 @@
 #include "runtime/kv_format.h"
 #include "runtime/tokenizer.h"
 #include "scheduler/server/load_progress.h"
+#include "scheduler/worker_pool.h"
 #include "worker/engine.h"
 
 namespace strata::serving {
@@ -38,13 +44,27 @@ struct EngineConfig {
   int32_t block_size = 16;
   int32_t max_num_seqs = 256;
   int32_t max_model_len = 0;  // 0 = the model's context
+  // Worker processes.
+  bool worker_processes = false;  // also for --tp 1
+  std::string worker_binary;      // "" = strata-worker next to this binary, ../worker/, $PATH
+  double worker_ready_timeout_s = 600;
 };
 
 struct LoadedModel {
   std::unique_ptr<Tokenizer> tokenizer;
-  std::unique_ptr<Engine> engine;
-  int64_t kv_bytes_per_block = 0;  // all layers
-  int32_t max_model_len = 0;       // resolved
+  std::unique_ptr<Engine> in_process;  // or:
+  std::unique_ptr<WorkerPool> pool;    // owns its RemoteEngine
+  Engine* engine = nullptr;            // the one to drive
+  int64_t kv_bytes_per_block = 0;      // all layers (of one rank)
+  int32_t max_model_len = 0;           // resolved
+
+  // OK in process; with workers, UNAVAILABLE naming a dead or failed worker.
+  absl::Status Health() const { return pool ? pool->Health().status : absl::OkStatus(); }
+  // Stops the worker processes (no-op in process). Call after the engine
+  // thread has stopped.
+  void Shutdown() {
+    if (pool) pool->Shutdown();
+  }
 };
 
 // Checks the flags that need no model (INVALID_ARGUMENT / UNIMPLEMENTED

@@ -1,10 +1,12 @@
 #include "scheduler/server/serve.h"
 
-#include <pthread.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <climits>
 #include <cstdio>
 #include <fstream>
@@ -30,25 +32,33 @@ namespace {
 
 constexpr char kServiceName[] = "strata.v1.Generation";
 
-// SIGINT/SIGTERM are blocked in every thread (the constructor must run before
-// any thread is created, gRPC's included) and received here with sigwait, so
-// shutdown runs as ordinary code on the main thread, not in a handler.
+// SIGINT/SIGTERM run a handler that only writes a byte to a pipe; a watcher
+// thread reads it, so shutdown runs as ordinary code on the main thread.
+// (Handlers, unlike a blocked mask, are not inherited by the strata-worker
+// processes: exec resets them.)
 class SignalWatcher {
  public:
   SignalWatcher() {
-    sigemptyset(&set_);
-    sigaddset(&set_, SIGINT);
-    sigaddset(&set_, SIGTERM);
-    sigaddset(&set_, SIGUSR1);  // wakes the watcher when we stop without a signal
-    pthread_sigmask(SIG_BLOCK, &set_, nullptr);
-    signal(SIGPIPE, SIG_IGN);
+    if (pipe2(fds_, O_CLOEXEC) != 0) {
+      fds_[0] = fds_[1] = -1;
+      return;
+    }
+    write_fd_.store(fds_[1]);
+    struct sigaction sa = {};
+    sa.sa_handler = &SignalWatcher::Handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &sa, &old_int_);
+    sigaction(SIGTERM, &sa, &old_term_);
     thread_ = std::thread([this] {
       for (;;) {
-        int sig = 0;
-        if (sigwait(&set_, &sig) != 0 || sig == SIGUSR1) return;
+        char c = 0;
+        const ssize_t n = read(fds_[0], &c, 1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0 || c == 'q') return;
         if (!first_.HasBeenNotified()) {
           spdlog::info("received {}; shutting down (send again to skip the grace period)",
-                       sig == SIGINT ? "SIGINT" : "SIGTERM");
+                       c == 'i' ? "SIGINT" : "SIGTERM");
           first_.Notify();
         } else {
           spdlog::warn("second signal: failing in-flight requests now");
@@ -58,15 +68,31 @@ class SignalWatcher {
     });
   }
   ~SignalWatcher() {
-    pthread_kill(thread_.native_handle(), SIGUSR1);
+    if (fds_[1] < 0) return;
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+    const char q = 'q';
+    (void)!write(fds_[1], &q, 1);
     thread_.join();
+    write_fd_.store(-1);
+    close(fds_[0]);
+    close(fds_[1]);
   }
   bool WaitFirst(absl::Duration timeout) { return first_.WaitForNotificationWithTimeout(timeout); }
   bool requested() const { return first_.HasBeenNotified(); }
   bool forced() const { return second_.load(); }
 
  private:
-  sigset_t set_;
+  static void Handler(int sig) {  // async-signal-safe: write(2) only
+    const int saved = errno;
+    const char c = sig == SIGINT ? 'i' : 't';
+    const int fd = write_fd_.load();
+    if (fd >= 0) (void)!write(fd, &c, 1);
+    errno = saved;
+  }
+  static inline std::atomic<int> write_fd_{-1};
+  int fds_[2] = {-1, -1};
+  struct sigaction old_int_ = {}, old_term_ = {};
   absl::Notification first_;
   std::atomic<bool> second_{false};
   std::thread thread_;
@@ -144,7 +170,7 @@ void SetHealth(grpc::Server* server, bool serving) {
 }  // namespace
 
 int RunServe(const ServeOptions& o) {
-  SignalWatcher signals;  // first, before any thread exists
+  SignalWatcher signals;
   absl::StatusOr<Prepared> prepared = Prepare(o);
   if (!prepared.ok()) {
     std::fprintf(stderr, "strata serve: %s\n", prepared.status().ToString().c_str());
@@ -180,6 +206,11 @@ int RunServe(const ServeOptions& o) {
     return 2;
   }
   Engine& engine = *model->engine;
+  // Stops worker processes on every return path below (no-op in process).
+  struct StopWorkers {
+    LoadedModel* m;
+    ~StopWorkers() { m->Shutdown(); }
+  } stop_workers{&*model};
 
   ServingEngineOptions so;
   so.max_queued_requests = o.max_queued_requests;
@@ -242,10 +273,13 @@ int RunServe(const ServeOptions& o) {
     std::printf("strata serve: ready on %s\n", HostPort(o.host, port).c_str());
     std::fflush(stdout);
   }
-  // Health follows the engine: NOT_SERVING while its last step failed.
+  // Health follows the engine and the workers: NOT_SERVING while the last
+  // step failed or a worker is gone.
   bool healthy = true;
   while (!signals.WaitFirst(absl::Seconds(1))) {
-    const bool now = (*serving)->Stats().engine_healthy;
+    const absl::Status workers = model->Health();
+    if (!workers.ok() && healthy) spdlog::error("workers unhealthy: {}", workers.ToString());
+    const bool now = (*serving)->Stats().engine_healthy && workers.ok();
     if (now != healthy) SetHealth(server.get(), now);
     healthy = now;
   }
@@ -262,6 +296,7 @@ int RunServe(const ServeOptions& o) {
   const int64_t left = (*serving)->Stats().in_flight;
   if (left > 0) spdlog::warn("failing {} unfinished requests with UNAVAILABLE", left);
   (*serving)->Stop();
+  model->Shutdown();  // workers asked to exit, then killed and reaped
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   server->Wait();
   serving->reset();

@@ -1,0 +1,179 @@
+// `strata serve --tp 2`: the server starts two strata-worker processes
+// (WorkerPool + RemoteEngine) and serves through them. Greedy outputs match
+// the golden reference, cancellation frees blocks, a killed worker turns
+// into UNAVAILABLE (and NOT_SERVING) rather than a hang, and SIGTERM leaves
+// neither the server nor any worker behind.
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "proto/strata_v1_generation.grpc.pb.h"
+#include "tests/serving_test_util.h"
+#include "tests/test_data.h"
+
+namespace strata {
+namespace {
+
+using testing::LoopbackChannel;
+using testing::ServerProcess;
+
+std::chrono::system_clock::time_point In(std::chrono::seconds d) {
+  return std::chrono::system_clock::now() + d;
+}
+
+bool StartTp2(ServerProcess* server) {
+  return server->Start({"--model", testing::DataPath("models/stories15M"), "--tp", "2",
+                        "--worker-binary", STRATA_WORKER_PATH, "--kv-cache-memory", "0.125",
+                        "--swap-space", "0.0625", "--shutdown-grace", "2"});
+}
+
+v1::GenerateRequest FromIds(const std::vector<int32_t>& ids, int max_tokens) {
+  v1::GenerateRequest r;
+  r.mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
+  r.mutable_sampling()->set_max_tokens(max_tokens);
+  r.mutable_sampling()->set_ignore_eos(true);
+  return r;
+}
+
+v1::ModelInfo Info(v1::Generation::Stub* stub) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(std::chrono::seconds(30)));
+  v1::ModelInfo info;
+  EXPECT_TRUE(stub->GetModelInfo(&ctx, {}, &info).ok());
+  return info;
+}
+
+// SIGTERM: exit 0, and every worker the server had is gone.
+void StopAndCheckNoProcessLeft(ServerProcess* server, const std::vector<pid_t>& workers) {
+  server->Signal(SIGTERM);
+  const int status = server->WaitExit(std::chrono::seconds(30));
+  EXPECT_TRUE(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0) << server->log();
+  EXPECT_TRUE(server->ProcessGroupGone());
+  for (pid_t w : workers) {
+    EXPECT_TRUE(testing::WaitProcessGone(w, std::chrono::seconds(10))) << "worker " << w << " left";
+  }
+}
+
+TEST(ServingTpTest, GreedyGoldenCancellationAndCleanShutdown) {
+  ServerProcess server;
+  ASSERT_TRUE(StartTp2(&server)) << server.log();
+  const std::vector<pid_t> workers = testing::ChildPids(server.pid());
+  ASSERT_EQ(workers.size(), 2u) << "two strata-worker children";
+  auto stub = v1::Generation::NewStub(LoopbackChannel(server.address()));
+  {
+    const v1::ModelInfo info = Info(stub.get());
+    EXPECT_EQ(info.tp_size(), 2);
+    EXPECT_EQ(info.kv_cache_dtype(), "fp32");
+    EXPECT_GT(info.gpu_blocks().total(), 0);
+  }
+
+  const nlohmann::json golden = testing::LoadJson("golden/stories15M_greedy.json");
+  std::vector<nlohmann::json> cases;
+  for (const auto& c : golden["cases"]) {
+    const std::string id = c["id"];
+    if (id == "once_upon_a_time" || id == "lily_and_tom" || id == "dialogue_long" ||
+        id == "unicode_byte_fallback") {
+      cases.push_back(c);
+    }
+  }
+  ASSERT_EQ(cases.size(), 4u);
+  std::vector<std::vector<int32_t>> got(cases.size());
+  std::vector<grpc::Status> status(cases.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    threads.emplace_back([&, i] {
+      const auto prompt = cases[i]["prompt_ids"].get<std::vector<int32_t>>();
+      grpc::ClientContext ctx;
+      ctx.set_deadline(In(std::chrono::seconds(300)));
+      auto reader = stub->Generate(&ctx, FromIds(prompt, 256 - static_cast<int>(prompt.size())));
+      v1::GenerateResponse m;
+      while (reader->Read(&m)) got[i].insert(got[i].end(), m.token_ids().begin(), m.token_ids().end());
+      status[i] = reader->Finish();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string id = cases[i]["id"];
+    ASSERT_TRUE(status[i].ok()) << id << ": " << status[i].error_message();
+    const auto expected = cases[i]["output_ids_ignore_bos"].get<std::vector<int32_t>>();
+    const size_t prompt_len = cases[i]["prompt_ids"].size();
+    const size_t n = std::min<size_t>(cases[i]["stable_prefix_len"]["margin_1e-3"].get<size_t>(),
+                                      256 - prompt_len);
+    ASSERT_EQ(got[i].size(), 256 - prompt_len) << id;
+    for (size_t k = 0; k < n; ++k) ASSERT_EQ(got[i][k], expected[k]) << id << " token " << k;
+  }
+
+  // Cancellation frees the blocks (on every rank: the scheduler's tables are
+  // the ranks' tables).
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(std::chrono::seconds(120)));
+    auto reader = stub->Generate(&ctx, FromIds(cases[1]["prompt_ids"], 240));
+    v1::GenerateResponse m;
+    int tokens = 0;
+    while (tokens < 40 && reader->Read(&m)) tokens += m.token_ids_size();
+    ASSERT_GE(tokens, 40);
+    EXPECT_GE(Info(stub.get()).gpu_blocks().used(), 3);
+    ctx.TryCancel();
+    while (reader->Read(&m)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  v1::ModelInfo info = Info(stub.get());
+  while (info.gpu_blocks().used() != 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    info = Info(stub.get());
+  }
+  EXPECT_EQ(info.gpu_blocks().used(), 0);
+  EXPECT_EQ(info.num_running(), 0);
+
+  StopAndCheckNoProcessLeft(&server, workers);
+}
+
+TEST(ServingTpTest, LostWorkerIsUnavailableNotAHang) {
+  ServerProcess server;
+  ASSERT_TRUE(StartTp2(&server)) << server.log();
+  const std::vector<pid_t> workers = testing::ChildPids(server.pid());
+  ASSERT_EQ(workers.size(), 2u);
+  auto channel = LoopbackChannel(server.address());
+  auto stub = v1::Generation::NewStub(channel);
+
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(std::chrono::seconds(120)));
+  v1::GenerateRequest req;
+  req.set_text("Once upon a time");
+  req.mutable_sampling()->set_ignore_eos(true);
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse m;
+  ASSERT_TRUE(reader->Read(&m));
+  kill(workers[1], SIGKILL);
+  while (reader->Read(&m)) {
+  }
+  const grpc::Status s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+
+  // New requests fail fast with UNAVAILABLE; health turns NOT_SERVING.
+  grpc::ClientContext ctx2;
+  ctx2.set_deadline(In(std::chrono::seconds(60)));
+  req.mutable_sampling()->set_max_tokens(4);
+  auto again = stub->Generate(&ctx2, req);
+  while (again->Read(&m)) {
+  }
+  EXPECT_EQ(again->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  int health = testing::HealthStatus(channel.get(), "strata.v1.Generation");
+  while (health != 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    health = testing::HealthStatus(channel.get(), "strata.v1.Generation");
+  }
+  EXPECT_EQ(health, 2) << "NOT_SERVING";
+
+  StopAndCheckNoProcessLeft(&server, workers);
+}
+
+}  // namespace
+}  // namespace strata
