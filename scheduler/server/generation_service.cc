@@ -111,7 +111,7 @@ class StreamSink final : public GenerationSink {
     if (writing_ || finish_issued_) return Action::kNone;
     if (cancelled_) {
       finish_issued_ = true;
-      final_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      final_ = ToGrpcStatus(absl::CancelledError("cancelled"));
       return Action::kFinish;
     }
     if (!queue_.empty()) {
@@ -190,7 +190,7 @@ class UnarySink final : public GenerationSink {
       if (finished_) return;
       finished_ = true;
     }
-    FinishCall(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+    FinishCall(ToGrpcStatus(absl::CancelledError("cancelled")));
     engine_->Cancel(handle_.load());
   }
 
