@@ -45,7 +45,7 @@ run() {
   grep -E '^\[  (PASSED|FAILED|SKIPPED) |FAILED TEST|^\[==========\]' "$out/test.log" | tail -8
 
   echo "== compute-sanitizer spot checks"
-  local filt='Matrix/CudaKvTest.DecodeMatchesCpu/int4_dynamic_hd48_bs16_g4:Matrix/CudaKvTest.*/e4m3_dynamic_hd128_bs32_g8:Matrix/CudaKvTest.*/int8_static_hd64_bs16_g1:AllFormats/CudaBlockTest.*/int4_dynamic'
+  local filt='Matrix/CudaWriteTest.*/int4_dynamic_hd48_bs16:Matrix/CudaKvTest.DecodeMatchesCpu/int4_dynamic_hd48_bs16_g4:Matrix/CudaKvTest.*/e4m3_dynamic_hd128_bs32_g8:Matrix/CudaKvTest.*/int8_static_hd64_bs16_g1:AllFormats/CudaBlockTest.*/int4_dynamic'
   timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$BUNDLE/kernels_kv_cache_cuda_test" --gtest_filter="$filt" --gtest_brief=1 \
     > "$out/memcheck.log" 2>&1
