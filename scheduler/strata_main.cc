@@ -203,6 +203,13 @@ int main(int argc, char** argv) {
   // Logs go to stderr; stdout carries generated text and the serve ready line.
   spdlog::set_default_logger(spdlog::stderr_color_mt("strata"));
   if (*gen && !client.server.empty()) {
+    for (const char* flag : {"--model", "--kv-cache-dtype", "--kv-scale-mode", "--kv-quant-params-path",
+                             "--block-size"}) {
+      if (gen->count(flag) > 0) {
+        std::fprintf(stderr, "strata generate: %s is a server setting; it has no effect with --server\n",
+                     flag);
+      }
+    }
     return serving::RunRemoteGenerate(
         client, RemoteRequest(prompt, max_tokens, sampling, ignore_eos, no_bos, stop, stop_token_ids));
   }

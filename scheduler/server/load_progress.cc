@@ -46,11 +46,11 @@ void LoadProgress::Phase(const std::string& name) {
   if (!tty_) spdlog::info("loading: {}", name);
 }
 
-void LoadProgress::Done() {
+void LoadProgress::Done(bool ok) {
   if (done_.HasBeenNotified()) return;
   done_.Notify();
   thread_.join();
-  Report(true);
+  Report(true, ok);
 }
 
 void LoadProgress::Run() {
@@ -58,7 +58,18 @@ void LoadProgress::Run() {
   while (!done_.WaitForNotificationWithTimeout(interval)) Report(false);
 }
 
-void LoadProgress::Report(bool final) {
+void LoadProgress::Report(bool final, bool ok) {
+  if (final && !ok) {
+    std::string phase;
+    {
+      absl::MutexLock lock(&mu_);
+      phase = phase_;
+    }
+    if (tty_) std::fputs("\n", stderr);
+    spdlog::error("loading failed during: {} ({:.1f} s)", phase,
+                  absl::ToDoubleSeconds(absl::Now() - start_));
+    return;
+  }
   const double grown = static_cast<double>(std::max<int64_t>(ResidentBytes() - rss0_, 0));
   // No estimate (the work happens in worker processes): elapsed time only.
   const bool estimate = expected_.load() > 1;

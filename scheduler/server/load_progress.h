@@ -28,12 +28,12 @@ class LoadProgress {
   void Phase(const std::string& name);
   // Adds to the expected bytes once a later step's size is known.
   void Expect(int64_t more_bytes) { expected_.fetch_add(more_bytes); }
-  // Prints the final 100% line and stops the reporter.
-  void Done();
+  // Prints the final line (100%, or "failed") and stops the reporter.
+  void Done(bool ok = true);
 
  private:
   void Run();
-  void Report(bool final);
+  void Report(bool final, bool ok = true);
 
   const bool tty_;
   const absl::Time start_;

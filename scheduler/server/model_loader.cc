@@ -144,6 +144,9 @@ absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedM
 
 absl::StatusOr<LoadedModel> LoadModel(const EngineConfig& c, LoadProgress* progress) {
   RETURN_IF_ERROR(ValidateEngineConfig(c));
+  if (std::error_code ec; !fs::exists(c.model_path, ec)) {
+    return absl::NotFoundError(absl::StrCat("--model ", c.model_path, ": no such file or directory"));
+  }
   if (c.tp > 1 || c.worker_processes) {
     LoadedModel out;
     progress->Phase("tokenizer");

@@ -199,7 +199,7 @@ int RunServe(const ServeOptions& o) {
 
   LoadProgress progress(0);
   absl::StatusOr<LoadedModel> model = LoadModel(o.engine, &progress);
-  progress.Done();
+  progress.Done(model.ok());
   if (!model.ok()) {
     std::fprintf(stderr, "strata serve: %s\n", model.status().ToString().c_str());
     server->Shutdown();
