@@ -37,6 +37,18 @@ std::string DescribeExit(int wstatus) {
 
 }  // namespace
 
+std::string FindWorkerBinary() {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) return "";
+  for (const fs::path& p : {self.parent_path() / "strata-worker",
+                            self.parent_path().parent_path() / "worker" / "strata-worker"}) {
+    if (::access(p.c_str(), X_OK) == 0) return p.string();
+  }
+  return "";
+}
+
 absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Start(const WorkerPoolOptions& options) {
   const int n = options.engine.world_size;
   if (n < 1) return absl::InvalidArgumentError("world size must be at least 1");

@@ -2,7 +2,7 @@
 // `strata serve --tp N` on one machine.
 //
 //   WorkerPoolOptions o;
-//   o.worker_binary = "/path/to/strata-worker";
+//   o.worker_binary = FindWorkerBinary();             // or a --worker-binary flag
 //   o.engine.world_size = 2;
 //   o.engine.model_path = "models/stories15M";
 //   o.engine.kv_format = {KvDtype::kInt8, KvScaleMode::kDynamic};
@@ -42,8 +42,13 @@
 
 namespace strata {
 
+// The strata-worker executable next to the running binary: the same
+// directory (an install or bundle), then ../worker/ (the CMake build tree,
+// where `strata` is build/scheduler/strata). Empty if neither exists.
+std::string FindWorkerBinary();
+
 struct WorkerPoolOptions {
-  std::string worker_binary;  // the strata-worker executable
+  std::string worker_binary;  // the strata-worker executable (FindWorkerBinary())
   RemoteEngineOptions engine;  // world size, model, KV format, timeouts
   std::string listen_address = "127.0.0.1:0";
   // Per worker: KV budget (see strata-worker --help), swap, threads.

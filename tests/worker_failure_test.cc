@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
@@ -185,6 +186,11 @@ TEST(WorkerFailure, StartupFailuresAreFastAndNamed) {
     EXPECT_NE(engine.status().message().find("/nonexistent/model"), absl::string_view::npos);
   }
   ExpectNoChildren();
+}
+
+TEST(WorkerPoolApi, FindsTheWorkerBinaryInTheBuildTree) {
+  // This test binary is build/scheduler/<name>; the worker build/worker/strata-worker.
+  EXPECT_EQ(std::filesystem::canonical(FindWorkerBinary()), std::filesystem::canonical(STRATA_WORKER_BINARY));
 }
 
 TEST(WorkerFailure, ControlPlaneRequiresTheSecret) {
