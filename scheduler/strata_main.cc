@@ -62,6 +62,7 @@ int RunGenerate(const OfflineOptions& opts, const std::string& prompt, int max_t
   }
   std::fputs(decoder.Flush().c_str(), stdout);
   std::fputs("\n", stdout);
+  std::fflush(stdout);
   const auto t2 = std::chrono::steady_clock::now();
   const double secs = std::chrono::duration<double>(t2 - t1).count();
   const size_t n = (*result)[0].output_ids.size();
