@@ -123,6 +123,8 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   std::vector<Row> rows;
+  std::ostringstream profile_md;
+  const std::vector<int> profile_batches = {1, 64}, profile_ctxs = {16, 4096};
   std::vector<std::pair<std::string, bool>> runs;  // (kv dtype, fused small batch)
   for (auto kv_name : absl::StrSplit(kvs_s, ',')) runs.emplace_back(std::string(kv_name), true);
   if (compare_unfused) runs.emplace_back(runs.front().first, false);
@@ -161,6 +163,23 @@ int main(int argc, char** argv) {
     BENCH_CUDA(cudaEventCreate(&e0));
     BENCH_CUDA(cudaEventCreate(&e1));
     std::mt19937 rng(5);
+    // Decode step of `batch` sequences at position ctx - 1 (see the top comment).
+    auto make_step = [&](int batch, int ctx) {
+      const int nb = (ctx + 15) / 16;
+      const int shared = num_blocks - batch;
+      StepInput in;
+      for (int i = 0; i < batch; ++i) {
+        SeqStepInput s;
+        s.tokens = {static_cast<int32_t>(rng() % shape->vocab_size)};
+        s.start_pos = ctx - 1;
+        for (int j = 0; j < nb - 1; ++j) s.block_table.push_back((int64_t{i} * (nb - 1) + j) % shared);
+        s.block_table.push_back(shared + i);  // the written block is private
+        s.logits = SeqStepInput::Logits::kNone;
+        s.sample = true;
+        in.seqs.push_back(std::move(s));
+      }
+      return in;
+    };
     for (int ctx : ctxs) {
       for (int batch : batches_run) {
         const int nb = (ctx + 15) / 16;
@@ -169,17 +188,7 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "skip batch %d ctx %d: too few blocks\n", batch, ctx);
           continue;
         }
-        StepInput in;
-        for (int i = 0; i < batch; ++i) {
-          SeqStepInput s;
-          s.tokens = {static_cast<int32_t>(rng() % shape->vocab_size)};
-          s.start_pos = ctx - 1;
-          for (int j = 0; j < nb - 1; ++j) s.block_table.push_back((int64_t{i} * (nb - 1) + j) % shared);
-          s.block_table.push_back(shared + i);  // the written block is private
-          s.logits = SeqStepInput::Logits::kNone;
-          s.sample = true;
-          in.seqs.push_back(std::move(s));
-        }
+        const StepInput in = make_step(batch, ctx);
         StepOutput out;
         for (int w = 0; w < warmup; ++w) BENCH_CHECK(e.Step(in, &out));
         std::vector<double> t, wall;
@@ -217,6 +226,33 @@ int main(int argc, char** argv) {
     }
     std::fprintf(stderr, "[%s] graphs captured %d, replays %lld\n", KvFormatName(*fmt).c_str(),
                  e.num_graphs(), static_cast<long long>(e.graph_replays()));
+    // Where the time goes: eager steps with events between stages.
+    for (int ctx : profile_ctxs) {
+      for (int batch : profile_batches) {
+        if (num_blocks - batch < (ctx + 15) / 16) continue;
+        if (!fused && batch > cuda_ops::kGemvMaxM) continue;  // same path as the fused run
+        const StepInput in = make_step(batch, ctx);
+        StepOutput out;
+        e.set_profile_stages(true);
+        for (int w = 0; w < 2; ++w) BENCH_CHECK(e.Step(in, &out));
+        e.ResetStageProfile();
+        for (int it = 0; it < 5; ++it) BENCH_CHECK(e.Step(in, &out));
+        e.set_profile_stages(false);
+        std::ostringstream line;
+        line << "| " << label << " | " << batch << " | " << ctx;
+        double sum = 0;
+        for (const auto& [stage, ms] : e.StageProfile()) {
+          char buf[64];
+          std::snprintf(buf, sizeof(buf), " | %s %.3f", stage.c_str(), ms);
+          line << buf;
+          sum += ms;
+        }
+        line << " | sum " << sum << " |\n";
+        profile_md << line.str();
+        std::printf("%s", line.str().c_str());
+        std::fflush(stdout);
+      }
+    }
     cudaEventDestroy(e0);
     cudaEventDestroy(e1);
   }
@@ -232,6 +268,8 @@ int main(int argc, char** argv) {
     md << "\nint8/fp16 step time at batch " << bmax << ", ctx " << cmax << ": " << i8 / f16 << "\n";
     std::printf("\nint8/fp16 step time at batch %d, ctx %d: %.3f\n", bmax, cmax, i8 / f16);
   }
+  md << "\nStage breakdown (eager steps, CUDA events between stages, mean ms of 5 steps):\n\n"
+     << profile_md.str();
   if (!markdown.empty()) std::ofstream(markdown) << md.str();
   return 0;
 }

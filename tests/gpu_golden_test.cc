@@ -312,22 +312,37 @@ TEST(GpuKvDtypes, EveryFormatRunsEndToEndAndMatchesCpuEngine) {
       first += common >= 1;
       per_case += " " + std::to_string(common);
     }
-    EngineOptions co;
-    co.kv_format = fmt;
-    co.num_gpu_blocks = 64;
-    auto cpu = CpuEngine::Create(Stories(), co, qp);
-    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    // GPU vs CPU engine with this format, next to the format's own error (CPU
+    // engine: this format vs an fp32 cache). Quantization amplifies the
+    // GPU's fp16 activation rounding at rounding boundaries: on the CPU alone,
+    // fp16 instead of fp32 weights moves fp8/int4 logits by as much (max
+    // 0.65-1.4) while 16-bit caches move 0.02.
+    auto cpu_engine = [&](KvFormat f) {
+      EngineOptions co;
+      co.kv_format = f;
+      co.num_gpu_blocks = 64;
+      auto cpu = CpuEngine::Create(Stories(), co, f.scale_mode == KvScaleMode::kStatic ? qp : std::nullopt);
+      EXPECT_TRUE(cpu.ok()) << cpu.status();
+      return std::move(*cpu);
+    };
     const auto lg = PrefillDecodeLogits(*e, prompt, base[6][0]);
-    const auto lc = PrefillDecodeLogits(**cpu, prompt, base[6][0]);
+    const auto lc = PrefillDecodeLogits(*cpu_engine(fmt), prompt, base[6][0]);
+    const auto l32 = PrefillDecodeLogits(*cpu_engine({KvDtype::kFp32, KvScaleMode::kNone}), prompt, base[6][0]);
     ASSERT_EQ(lg.size(), lc.size());
-    double diff = 0;
-    for (size_t i = 0; i < lg.size(); ++i) diff = std::max<double>(diff, std::fabs(lg[i] - lc[i]));
-    std::printf("[kv %-16s] max|gpu-cpu engine| logits %.4f; greedy tokens equal to the fp16 cache's: "
-                "%5.1f%%, common prefix per case:%s\n",
-                KvFormatName(fmt).c_str(), diff, 100.0 * same / total, per_case.c_str());
+    double diff = 0, rms = 0, fmt_rms = 0;
+    for (size_t i = 0; i < lg.size(); ++i) {
+      diff = std::max<double>(diff, std::fabs(lg[i] - lc[i]));
+      rms += double(lg[i] - lc[i]) * (lg[i] - lc[i]);
+      fmt_rms += double(lc[i] - l32[i]) * (lc[i] - l32[i]);
+    }
+    rms = std::sqrt(rms / lg.size());
+    fmt_rms = std::sqrt(fmt_rms / lg.size());
+    std::printf("[kv %-16s] gpu vs cpu engine logits: max %.4f rms %.4f (format error rms %.4f); greedy "
+                "tokens equal to the fp16 cache's: %5.1f%%, common prefix per case:%s\n",
+                KvFormatName(fmt).c_str(), diff, rms, fmt_rms, 100.0 * same / total, per_case.c_str());
     EXPECT_EQ(first, 8) << KvFormatName(fmt) << ": the first generated token of every prompt";
     const int bits = KvDtypeBits(fmt.dtype);
-    EXPECT_LT(diff, bits >= 16 ? 0.05 : (bits == 8 ? 0.3 : 1.0)) << KvFormatName(fmt);
+    EXPECT_LT(rms, 0.02 + fmt_rms) << KvFormatName(fmt);
     if (bits >= 16) EXPECT_GT(same, total * 9 / 10) << KvFormatName(fmt);
   }
 }

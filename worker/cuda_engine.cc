@@ -59,6 +59,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::CreateDummy(
 CudaEngine::~CudaEngine() {
   if (stream_) cudaStreamSynchronize(stream_);
   for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+  for (cudaEvent_t e : prof_events_) cudaEventDestroy(e);
   if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -507,7 +508,7 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
   }
   p.ctx_bucket = CtxBucket(max_ctx, c.max_position_embeddings);
   p.padded_seqs = n;
-  if (p.decode_only) {
+  if (p.decode_only && !profile_) {
     const int32_t cap = std::min({options_.max_num_seqs, options_.max_logit_rows, options_.max_num_tokens});
     for (int32_t b : options_.graph_batch_sizes) {
       if (b >= n && b <= cap && (!p.use_graph || b < p.padded_seqs)) p.use_graph = true, p.padded_seqs = b;
@@ -583,6 +584,8 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
   }
 
   RETURN_IF_ERROR(Upload(p));
+  prof_marks_.clear();
+  RETURN_IF_ERROR(Mark(nullptr));
   output->logits.resize(p.host_rows.size() * static_cast<size_t>(c.vocab_size));
   if (p.use_graph) {
     RETURN_IF_ERROR(RunDecodeGraph(p));
@@ -617,7 +620,40 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
                                          cudaMemcpyDeviceToHost, stream_));
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  RETURN_IF_ERROR(CollectProfile());
   return Collect(p, input, output);
+}
+
+absl::Status CudaEngine::Mark(const char* stage) {
+  if (!profile_) return absl::OkStatus();
+  if (prof_marks_.size() == prof_events_.size()) {
+    cudaEvent_t e;
+    CUDA_RETURN_IF_ERROR(cudaEventCreate(&e));
+    prof_events_.push_back(e);
+  }
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(prof_events_[prof_marks_.size()], stream_));
+  prof_marks_.push_back(stage);
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::CollectProfile() {
+  if (!profile_ || prof_marks_.size() < 2) return absl::OkStatus();
+  for (size_t i = 1; i < prof_marks_.size(); ++i) {
+    float ms = 0.0f;
+    CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, prof_events_[i - 1], prof_events_[i]));
+    auto it = std::find_if(prof_sum_.begin(), prof_sum_.end(),
+                           [&](const auto& e) { return e.first == prof_marks_[i]; });
+    if (it == prof_sum_.end()) it = prof_sum_.insert(prof_sum_.end(), {prof_marks_[i], 0.0});
+    it->second += ms;
+  }
+  ++prof_steps_;
+  return absl::OkStatus();
+}
+
+std::vector<std::pair<std::string, double>> CudaEngine::StageProfile() const {
+  std::vector<std::pair<std::string, double>> out = prof_sum_;
+  for (auto& e : out) e.second /= std::max<int64_t>(prof_steps_, 1);
+  return out;
 }
 
 absl::Status CudaEngine::Upload(const Plan& p) {

@@ -29,6 +29,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -103,6 +104,12 @@ class CudaEngine final : public Engine {
   // [-range, range], written through the real quantizing cache write
   // (benchmarks: never time on zeros).
   absl::Status FillKvCacheRandom(uint64_t seed, float range = 3.0f);
+  // Stage timing for benchmarks: while on, steps run eagerly with CUDA events
+  // between the stages of the forward pass. StageProfile() gives the mean
+  // milliseconds per step of each stage since the last reset.
+  void set_profile_stages(bool on) { profile_ = on; }
+  std::vector<std::pair<std::string, double>> StageProfile() const;
+  void ResetStageProfile() { prof_sum_.clear(), prof_steps_ = 0; }
   // Number of CUDA graphs captured so far, and steps that replayed one.
   int num_graphs() const { return static_cast<int>(graphs_.size()); }
   int64_t graph_replays() const { return graph_replays_; }
@@ -168,6 +175,8 @@ class CudaEngine final : public Engine {
                            int32_t num_sample);
   absl::Status RunDecodeGraph(const Plan& plan);
   absl::Status Collect(const Plan& plan, const StepInput& input, StepOutput* output);
+  absl::Status Mark(const char* stage);  // profiling: `stage` ends here
+  absl::Status CollectProfile();
 
   ModelConfig config_;
   CudaEngineOptions options_;
@@ -212,7 +221,11 @@ class CudaEngine final : public Engine {
 
   std::map<std::pair<int32_t, int32_t>, cudaGraphExec_t> graphs_;  // (batch, ctx bucket)
   int64_t graph_replays_ = 0;
-  std::vector<float> host_logits_;  // staging for returned logits
+  bool profile_ = false;
+  std::vector<cudaEvent_t> prof_events_;
+  std::vector<const char*> prof_marks_;  // stage that ends at each event of this step
+  std::vector<std::pair<std::string, double>> prof_sum_;
+  int64_t prof_steps_ = 0;
 };
 
 }  // namespace strata

@@ -68,6 +68,7 @@ absl::Status CudaEngine::Forward(const Plan& p) {
   };
 
   CUDA_RETURN_IF_ERROR(cuda_ops::Embed(embed_, act_, dev_.tokens, T, d, x_, stream_));
+  RETURN_IF_ERROR(Mark("embed"));
   for (int l = 0; l < c.num_layers; ++l) {
     const Layer& lw = layers_[l];
     if (small) {
@@ -76,6 +77,7 @@ absl::Status CudaEngine::Forward(const Plan& p) {
       CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.attn_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
       RETURN_IF_ERROR(Gemm(h_, lw.wqkv, qkv_, /*y_fp32=*/true, T, q + 2 * kv, d, false));
     }
+    RETURN_IF_ERROR(Mark("attn_norm+qkv"));
     cuda_ops::RopeKvWriteArgs rw;
     rw.qkv = qkv_;
     rw.num_tokens = T;
@@ -90,6 +92,7 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     rw.q_dtype = ActDtype::kFp32;
     rw.cache = views_[l];
     CUDA_RETURN_IF_ERROR(cuda_ops::RopeKvWrite(rw, stream_));
+    RETURN_IF_ERROR(Mark("rope+kv_write"));
     cuda::AttentionArgs a;
     a.cache = views_[l];
     a.batch = batch;
@@ -102,18 +105,25 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     } else {
       CUDA_RETURN_IF_ERROR(cuda::PagedPrefillAttention(a, p.max_new_tokens, stream_));
     }
+    RETURN_IF_ERROR(Mark("attention"));
     if (small) {
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kF32AddF32, lw.wo, d, q, attn_, nullptr, x_));
+      RETURN_IF_ERROR(Mark("o_proj"));
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kNormSiluMul, lw.wgu, f, d, x_, lw.mlp_norm, act_buf_));
+      RETURN_IF_ERROR(Mark("mlp_norm+gate_up"));
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kActAddF32, lw.wdown, d, f, act_buf_, nullptr, x_));
+      RETURN_IF_ERROR(Mark("silu+down"));
       continue;
     }
     CUDA_RETURN_IF_ERROR(cuda_ops::ConvertF32(attn_, int64_t{T} * q, attn_t_, act_, stream_));
     RETURN_IF_ERROR(Gemm(attn_t_, lw.wo, x_, true, T, d, q, /*accumulate=*/true));
+    RETURN_IF_ERROR(Mark("o_proj"));
     CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.mlp_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
     RETURN_IF_ERROR(Gemm(h_, lw.wgu, gu_, false, T, 2 * f, d, false));
+    RETURN_IF_ERROR(Mark("mlp_norm+gate_up"));
     CUDA_RETURN_IF_ERROR(cuda_ops::SiluMul(gu_, T, f, act_buf_, act_, stream_));
     RETURN_IF_ERROR(Gemm(act_buf_, lw.wdown, x_, true, T, d, f, /*accumulate=*/true));
+    RETURN_IF_ERROR(Mark("silu+down"));
   }
   return absl::OkStatus();
 }
@@ -139,9 +149,11 @@ absl::Status CudaEngine::LogitsChunk(const Plan& p, int32_t row0, int32_t rows, 
                                            c.rms_norm_eps, hrows_, act_, stream_));
     RETURN_IF_ERROR(Gemm(hrows_, lm_head_, logits_, true, rows, c.vocab_size, c.hidden_size, false));
   }
+  RETURN_IF_ERROR(Mark("lm_head"));
   if (num_sample > 0) {
     CUDA_RETURN_IF_ERROR(cuda_ops::SampleRows(logits_, c.vocab_size, dev_.sample + sample0, num_sample,
                                               dev_.sample_out + sample0, stream_));
+    RETURN_IF_ERROR(Mark("sample"));
   }
   return absl::OkStatus();
 }

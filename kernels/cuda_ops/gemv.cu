@@ -1,10 +1,11 @@
 // Small-batch GEMV with fused prologue/epilogue (see GemvKind in cuda_ops.h).
 //
-// Layout: 256 threads; the CTA first stages f(x) for its m rows as fp32 in
-// shared memory, then each warp streams whole weight rows (two output rows, or
-// a gate/up row pair) with 16-byte non-allocating loads, two chunks per lane
-// in flight per row, and reduces across the warp. The grid is persistent
-// (at most the resident CTAs), so the prologue runs once per CTA.
+// Layout: 256 threads; the CTA stages f(x) for its m rows as fp32 in shared
+// memory (its first weight loads already in flight), then each warp streams
+// whole weight rows (two output rows, or a gate/up row pair) with 16-byte
+// non-allocating loads, four chunks per row per lane in flight, and reduces
+// across the warp. The grid is persistent (at most the resident CTAs), so the
+// prologue runs once per CTA.
 #include <algorithm>
 
 #include "kernels/cuda_ops/common.cuh"
@@ -57,6 +58,34 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(const GemvArgs a) {
   __shared__ float red[32];
   const int k = a.k;
   constexpr bool kNorm = K == GemvKind::kNormF32 || K == GemvKind::kNormSiluMul;
+  // One unit = R output rows (L weight rows) per warp; U 16-byte chunks of
+  // each row in flight per lane.
+  constexpr int R = K == GemvKind::kNormSiluMul ? 1 : 2;
+  constexpr int L = K == GemvKind::kNormSiluMul ? 2 : R;
+  constexpr int U = 4;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int units = (a.n_out + R - 1) / R;
+  const int chunks = k / 8;
+  const int wrows = K == GemvKind::kNormSiluMul ? 2 * a.n_out : a.n_out;
+  const T* W = static_cast<const T*>(a.w);
+  const int first_unit = blockIdx.x * kWarps + warp;
+
+  uint4 wv[U][L];
+  auto issue = [&](int u, int c0) {
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+      const int row = K == GemvKind::kNormSiluMul ? u + l * a.n_out : u * R + l;
+#pragma unroll
+      for (int h = 0; h < U; ++h) {
+        const int c = c0 + 32 * h;
+        wv[h][l] = (row < wrows && c < chunks)
+                       ? LoadStream(W + static_cast<int64_t>(row) * k + c * 8)
+                       : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  // The first weight loads go out before the prologue and overlap it.
+  if (first_unit < units) issue(first_unit, lane);
 
   // Prologue: f(x) rounded to T, kept as fp32.
 #pragma unroll
@@ -82,42 +111,17 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(const GemvArgs a) {
   }
   __syncthreads();
 
-  // Main loop: one unit = R output rows (L weight rows) per warp.
-  constexpr int R = K == GemvKind::kNormSiluMul ? 1 : 2;
-  constexpr int L = K == GemvKind::kNormSiluMul ? 2 : R;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int units = (a.n_out + R - 1) / R;
-  const int chunks = k / 8;
-  const T* W = static_cast<const T*>(a.w);
-  for (int u = blockIdx.x * kWarps + warp; u < units; u += gridDim.x * kWarps) {
-    int rows[L];
-    bool valid[L];
-#pragma unroll
-    for (int l = 0; l < L; ++l) {
-      rows[l] = K == GemvKind::kNormSiluMul ? u + l * a.n_out : u * R + l;
-      valid[l] = rows[l] < (K == GemvKind::kNormSiluMul ? 2 * a.n_out : a.n_out);
-    }
+  for (int u = first_unit; u < units; u += gridDim.x * kWarps) {
     float acc[L][M];
 #pragma unroll
     for (int l = 0; l < L; ++l) {
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[l][m] = 0.0f;
     }
-    for (int c0 = lane; c0 < chunks; c0 += 64) {
-      // Two chunks per row in flight before any math.
-      uint4 wv[2][L];
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+      if (u != first_unit || c0 != lane) issue(u, c0);  // the first group is in flight already
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int c = c0 + 32 * h;
-#pragma unroll
-        for (int l = 0; l < L; ++l) {
-          wv[h][l] = (valid[l] && c < chunks)
-                         ? LoadStream(W + static_cast<int64_t>(rows[l]) * k + c * 8)
-                         : make_uint4(0, 0, 0, 0);
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < U; ++h) {
         const int c = c0 + 32 * h;
         if (c >= chunks) break;
 #pragma unroll
@@ -160,11 +164,12 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(const GemvArgs a) {
         float* y = static_cast<float*>(a.y) + static_cast<int64_t>(m) * a.n_out;
 #pragma unroll
         for (int l = 0; l < L; ++l) {
-          if (!valid[l]) continue;
+          const int row = u * R + l;
+          if (row >= a.n_out) continue;
           if constexpr (K == GemvKind::kNormF32) {
-            y[rows[l]] = acc[l][m];
+            y[row] = acc[l][m];
           } else {
-            y[rows[l]] += acc[l][m];
+            y[row] += acc[l][m];
           }
         }
       }

@@ -1,7 +1,7 @@
 // RoPE fused with the quantizing KV-cache write.
 //
-// One block per token; each warp takes whole heads (q heads, then k heads,
-// then v heads). A head's row is staged in shared memory so that RoPE's pair
+// Blocks of (token, group of 4 heads); each warp takes one head row (q heads,
+// then k heads, then v heads). A head's row is staged in shared memory so that RoPE's pair
 // (j, j + D/2) and int4's byte pair (2i, 2i + 1) are both easy, and the row's
 // min/max (dynamic scales) is one warp reduction. Stored bits come from
 // kernels/quant_math.h, so they equal the CPU kernels' bits.
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kWarps * 32) RopeKvWriteKernel(const RopeKvWri
   const float* sn = a.rope_sin + static_cast<int64_t>(pos) * half;
   const int64_t slot = a.slot_mapping[t];
   float* x = rows[warp];
-  for (int job = warp; job < H + 2 * KH; job += kWarps) {
+  for (int job = blockIdx.y * kWarps + warp; job < H + 2 * KH; job += gridDim.y * kWarps) {
     const bool is_q = job < H, is_k = !is_q && job < H + KH;
     if (!is_q && slot < 0) continue;  // padding token: nothing to write
     const float* in = src + static_cast<int64_t>(job) * hd;
@@ -113,9 +113,12 @@ cudaError_t RopeKvWrite(const RopeKvWriteArgs& a, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   const KvFormat f = a.cache.layout.format;
+  // One warp per head row: (tokens, head groups of kWarps) blocks, so a
+  // single decode token still spreads over the whole GPU.
+  const dim3 grid(a.num_tokens, (a.num_heads + 2 * a.num_kv_heads + kWarps - 1) / kWarps);
 #define STRATA_ROPE_CASE_(D, M)                                                    \
   if (f == KvFormat{D, M}) {                                                       \
-    RopeKvWriteKernel<qmath::KvCodec<D, M>><<<a.num_tokens, kWarps * 32, 0, stream>>>(a); \
+    RopeKvWriteKernel<qmath::KvCodec<D, M>><<<grid, kWarps * 32, 0, stream>>>(a);     \
     return cudaGetLastError();                                                     \
   }
   STRATA_FOR_EACH_KV_FORMAT(STRATA_ROPE_CASE_)
