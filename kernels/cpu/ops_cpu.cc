@@ -8,13 +8,46 @@
 
 namespace strata::cpu {
 
+namespace {
+
+// y[r][j] (+)= dot(x[r], w[j]) for a few rows r: the weights stream from
+// memory once and each row of w is reused for every x row. Rows of w are
+// split statically across threads (one parallel region per call).
+template <int M>
+void SmallBatchLinear(const float* x, const float* w, float* y, int64_t n, int64_t k,
+                      bool accumulate) {
+#pragma omp parallel for schedule(static) if (n * k >= 32768)
+  for (int64_t j = 0; j < n; ++j) {
+    const float* wr = w + j * k;
+    float acc[M][16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+      for (int r = 0; r < M; ++r) {
+        const float* xr = x + r * k + i;
+        for (int t = 0; t < 16; ++t) acc[r][t] += wr[i + t] * xr[t];
+      }
+    }
+    for (int r = 0; r < M; ++r) {
+      float s = 0.0f;
+      for (int t = 0; t < 16; ++t) s += acc[r][t];
+      for (int64_t t = i; t < k; ++t) s += wr[t] * x[r * k + t];
+      float* out = y + r * n + j;
+      *out = accumulate ? *out + s : s;
+    }
+  }
+}
+
+}  // namespace
+
 void Linear(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
             bool accumulate) {
   const float beta = accumulate ? 1.0f : 0.0f;
-  if (m == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(n), static_cast<blasint>(k),
-                1.0f, w, static_cast<blasint>(k), x, 1, beta, y, 1);
-    return;
+  switch (m) {
+    case 1: return SmallBatchLinear<1>(x, w, y, n, k, accumulate);
+    case 2: return SmallBatchLinear<2>(x, w, y, n, k, accumulate);
+    case 3: return SmallBatchLinear<3>(x, w, y, n, k, accumulate);
+    case 4: return SmallBatchLinear<4>(x, w, y, n, k, accumulate);
+    default: break;
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
               static_cast<blasint>(n), static_cast<blasint>(k), 1.0f, x, static_cast<blasint>(k),
