@@ -15,6 +15,7 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "scheduler/eval_cli.h"
 #include "scheduler/server/client.h"
 #include "scheduler/server/serve.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
@@ -200,7 +201,10 @@ int main(int argc, char** argv) {
   info->add_option("--server", info_client.server, "host:port of a `strata serve`")->required();
   AddClientFlags(info, &info_client);
 
+  RegisterEvalCommands(app);  // eval-ppl, calibrate
+
   CLI11_PARSE(app, argc, argv);
+  if (auto rc = DispatchEvalCommands()) return *rc;
   // Logs go to stderr; stdout carries generated text and the serve ready line.
   spdlog::set_default_logger(spdlog::stderr_color_mt("strata"));
   if (*gen && !client.server.empty()) {
