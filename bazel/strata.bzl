@@ -6,8 +6,7 @@ def strata_cc_library(name, **kwargs):
     """A cc_library built like CMake's add_library(STATIC).
 
     linkstatic = True: only the static archive is built. Without it, building
-    //... also compiles every source a second time as PIC for a lib<name>.so
-    that nothing uses (that doubles a cold build on 2 cores).
+    //... also links a lib<name>.so per library that nothing uses.
     """
     cc_library(name = name, linkstatic = True, **kwargs)
 
