@@ -109,6 +109,7 @@ struct Format {
   const char* name;
   KvFormat format;
 };
+void PrintTo(const Format& f, std::ostream* os) { *os << f.name; }
 
 class ShardedForward : public ::testing::TestWithParam<std::tuple<int, Format>> {};
 
