@@ -11,6 +11,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "runtime/kv_format_util.h"
 #include "runtime/status_macros.h"
@@ -24,11 +25,13 @@ namespace {
 
 struct EvalFlags {
   std::string model, text, dtypes = "fp32", scale_modes, params_path, reference = "fp32", json_out;
+  std::string bos = "auto";
   EvalPplOptions opts;
 };
 
 struct CalibrateFlags {
   std::string model, text, out, dtypes = "int8";
+  std::string bos = "auto";
   bool per_head = false;
   CalibrateOptions opts;
 };
@@ -71,6 +74,17 @@ absl::StatusOr<Loaded> LoadModelAndText(const std::string& model, const std::str
   l.tokens = l.tokenizer->Encode(ss.str());
   if (l.tokens.empty()) return absl::InvalidArgumentError(absl::StrCat("--text ", text_path, ": no tokens"));
   return l;
+}
+
+// --bos: "auto" (the tokenizer's add_bos), "none", or a token id.
+absl::StatusOr<int32_t> BosId(const std::string& flag, const Tokenizer& tok) {
+  if (flag == "auto") return tok.add_bos() ? tok.bos_id() : -1;
+  if (flag == "none") return -1;
+  int32_t id = -1;
+  if (!absl::SimpleAtoi(flag, &id) || id < 0 || id >= tok.vocab_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("--bos: expected auto, none or a token id, got ", flag));
+  }
+  return id;
 }
 
 std::vector<std::string> SplitList(const std::string& s) {
@@ -132,7 +146,7 @@ absl::Status RunEvalPpl(const EvalFlags& f) {
   if (o.reference.scale_mode != KvScaleMode::kNone || KvDtypeBits(o.reference.dtype) < 16) {
     return absl::InvalidArgumentError("--reference-kv-cache-dtype must be fp32, fp16 or bf16");
   }
-  o.bos_id = l.tokenizer->add_bos() ? l.tokenizer->bos_id() : -1;
+  ASSIGN_OR_RETURN(o.bos_id, BosId(f.bos, *l.tokenizer));
   ASSIGN_OR_RETURN(std::unique_ptr<PplEvaluator> ev,
                    PplEvaluator::Create(l.weights, l.tokens, o));
   const EvalPplOptions& eo = ev->options();
@@ -178,7 +192,7 @@ absl::Status RunCalibrate(const CalibrateFlags& f) {
     return absl::InvalidArgumentError("several dtypes need {dtype} in --out");
   }
   CalibrateOptions o = f.opts;
-  o.bos_id = l.tokenizer->add_bos() ? l.tokenizer->bos_id() : -1;
+  ASSIGN_OR_RETURN(o.bos_id, BosId(f.bos, *l.tokenizer));
   ASSIGN_OR_RETURN(std::unique_ptr<KvRangeObserver> ranges, ObserveKvRanges(l.weights, l.tokens, o));
   for (KvDtype d : dtypes) {
     ASSIGN_OR_RETURN(KvQuantParams p, ranges->Finish(d, f.per_head));
@@ -228,6 +242,8 @@ void RegisterEvalCommands(CLI::App& app) {
   ev->add_option("--greedy-prompt", e.opts.greedy_prompt, "Text tokens per greedy prompt")
       ->capture_default_str()->check(CLI::PositiveNumber);
   ev->add_option("--json", e.json_out, "Also write the results as JSON to this file");
+  ev->add_option("--bos", e.bos, "Token starting each window: auto (the tokenizer's), none, or an id")
+      ->capture_default_str();
   st.eval = ev;
 
   CalibrateFlags& c = st.c;
@@ -244,6 +260,8 @@ void RegisterEvalCommands(CLI::App& app) {
   cal->add_option("--max-tokens", c.opts.max_tokens, "Text tokens used (0: all)")
       ->check(CLI::NonNegativeNumber);
   cal->add_option("--batch", c.opts.batch, "Windows per step")->capture_default_str()->check(CLI::PositiveNumber);
+  cal->add_option("--bos", c.bos, "Token starting each window: auto (the tokenizer's), none, or an id")
+      ->capture_default_str();
   st.calibrate = cal;
 }
 

@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "gtest/gtest.h"
@@ -126,6 +127,13 @@ TEST(AccuracyCi, Stories15MInt8WithinBounds) {
 
 // --- SmolLM2 ---------------------------------------------------------------------
 
+// The repository root: $STRATA_SOURCE_DIR, else from this file's path (ctest
+// does not always pass the variable through).
+std::string SourceDir() {
+  if (const char* env = std::getenv("STRATA_SOURCE_DIR"); env != nullptr && *env) return env;
+  return fs::path(__FILE__).parent_path().parent_path().string();
+}
+
 std::string SmolLm2Path() {
   if (const char* p = std::getenv("STRATA_SMOLLM2_GGUF"); p != nullptr && *p) return p;
   std::string cache;
@@ -147,6 +155,17 @@ std::string ReferencePython() {
   }
   if (fs::exists(venv + "/bin/python")) return venv + "/bin/python";
   return "/usr/bin/python3";
+}
+
+// Runs `command` through the shell; its output (stdout and stderr) and exit status.
+std::pair<std::string, int> RunCommand(const std::string& command) {
+  std::string output;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return {"popen failed", -1};
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof(buf), pipe)) > 0;) output.append(buf, n);
+  const int status = pclose(pipe);
+  return {output, WIFEXITED(status) ? WEXITSTATUS(status) : -1};
 }
 
 class SmolLm2Accuracy : public ::testing::Test {
@@ -171,17 +190,20 @@ class SmolLm2Accuracy : public ::testing::Test {
 
 TEST_F(SmolLm2Accuracy, LogitsMatchNumpyReference) {
   const std::string python = ReferencePython();
-  const std::string script = testing::SourceDir() + "/tests/tools/smollm2_reference.py";
-  if (std::system((python + " " + script + " --check 2>/dev/null").c_str()) != 0) {
+  const std::string script = SourceDir() + "/tests/tools/smollm2_reference.py";
+  if (const auto [out, rc] = RunCommand(python + " " + script + " --check"); rc == 3) {
     GTEST_SKIP() << python << " lacks the PyPI module gguf: run "
-                 << "/usr/bin/python3 tests/tools/make_reference_venv.py";
+                 << "/usr/bin/python3 tests/tools/make_reference_venv.py (" << out << ")";
+  } else {
+    ASSERT_EQ(rc, 0) << out;
   }
   const std::vector<int32_t> ids = tok_->Encode("Call me Ishmael. Some years ago, never mind how long");
   std::string list;
   for (int32_t id : ids) list += (list.empty() ? "" : ",") + std::to_string(id);
   const std::string out = (fs::temp_directory_path() / ("strata_smollm2_ref_" + std::to_string(getpid()) + ".f32")).string();
-  ASSERT_EQ(std::system((python + " " + script + " --gguf '" + SmolLm2Path() + "' --ids " + list +
-                         " --out " + out).c_str()), 0);
+  const auto [ref_out, ref_rc] =
+      RunCommand(python + " " + script + " --gguf '" + SmolLm2Path() + "' --ids " + list + " --out " + out);
+  ASSERT_EQ(ref_rc, 0) << ref_out;
   std::ifstream in(out, std::ios::binary);
   const int64_t V = weights_->config.vocab_size;
   std::vector<float> ref(ids.size() * V);

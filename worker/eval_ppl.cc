@@ -178,7 +178,9 @@ absl::StatusOr<PplResult> PplEvaluator::RunFormat(const KvFormatSpec& spec, bool
   if (is_reference) {
     ref_logprobs_.assign(static_cast<size_t>(scored * V), 0.0f);
     ref_argmax_.assign(static_cast<size_t>(scored), 0);
+    ref_nll_.assign(static_cast<size_t>(scored), 0.0);
   }
+  double d_sum = 0, d_sum2 = 0;
   std::vector<float> lp(static_cast<size_t>(V));
   double nll = 0, kl_sum = 0, kl_max = 0;
   int64_t top1_equal = 0;
@@ -202,7 +204,11 @@ absl::StatusOr<PplResult> PplEvaluator::RunFormat(const KvFormatSpec& spec, bool
       if (is_reference) {
         std::copy(lp.begin(), lp.end(), ref_logprobs_.begin() + pos * V);
         ref_argmax_[pos] = am;
+        ref_nll_[pos] = -lp[target];
       } else {
+        const double d = -double(lp[target]) - ref_nll_[pos];
+        d_sum += d;
+        d_sum2 += d * d;
         const float* ref = ref_logprobs_.data() + pos * V;
         double kl = 0;
         for (int64_t v = 0; v < V; ++v) kl += std::exp(double(ref[v])) * (double(ref[v]) - lp[v]);
@@ -217,12 +223,16 @@ absl::StatusOr<PplResult> PplEvaluator::RunFormat(const KvFormatSpec& spec, bool
   r.scored_tokens = scored;
   r.mean_nll = nll / scored;
   r.perplexity = std::exp(r.mean_nll);
+  r.nll_delta_mean = d_sum / scored;
+  const double var = scored > 1 ? (d_sum2 - d_sum * d_sum / scored) / (scored - 1) : 0;
+  r.nll_delta_stderr = std::sqrt(std::max(var, 0.0) / scored);
   r.mean_kl = is_reference ? 0 : kl_sum / scored;
   r.max_kl = is_reference ? 0 : kl_max;
   r.top1_agreement = is_reference ? 1 : double(top1_equal) / scored;
 
   // Greedy continuations from N prompts spread over the text.
   const int32_t N = o.greedy_continuations;
+  r.greedy_agreement = r.greedy_prefix = std::nan("");  // not measured
   if (N > 0) {
     std::vector<std::vector<int32_t>> prompts(N), gen(N);
     const int64_t span = static_cast<int64_t>(text_.size()) - o.greedy_prompt - o.greedy_tokens;
@@ -266,15 +276,19 @@ std::string PplResultsMarkdown(const std::vector<PplResult>& results) {
     if (r.format == KvFormat{KvDtype::kFp16, KvScaleMode::kNone}) fp16 = &r;
   }
   std::string s =
-      "| kv cache | perplexity | Δ vs fp16 | mean KL (nats) | top-1 agree | greedy tokens equal | "
-      "greedy identical prefix | seconds |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+      "| kv cache | perplexity | Δ vs fp16 | Δ vs ref (95% CI) | mean KL (nats) | top-1 agree | "
+      "greedy tokens equal | greedy identical prefix | seconds |\n"
+      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
   for (const auto& r : results) {
     const std::string delta =
         fp16 != nullptr ? absl::StrFormat("%+.3f%%", 100.0 * (r.perplexity / fp16->perplexity - 1))
                         : "–";
-    absl::StrAppendFormat(&s, "| %s | %.4f | %s | %.2e | %.2f%% | %.1f%% | %.1f%% | %.0f |\n", r.label,
-                          r.perplexity, delta, r.mean_kl, 100 * r.top1_agreement,
-                          100 * r.greedy_agreement, 100 * r.greedy_prefix, r.seconds);
+    auto pct = [](double x) { return std::isnan(x) ? std::string("–") : absl::StrFormat("%.1f%%", 100 * x); };
+    const std::string ci = absl::StrFormat("%+.3f%% ± %.3f%%", 100 * std::expm1(r.nll_delta_mean),
+                                           100 * 1.96 * r.nll_delta_stderr);
+    absl::StrAppendFormat(&s, "| %s | %.4f | %s | %s | %.2e | %.2f%% | %s | %s | %.0f |\n", r.label,
+                          r.perplexity, delta, ci, r.mean_kl, 100 * r.top1_agreement,
+                          pct(r.greedy_agreement), pct(r.greedy_prefix), r.seconds);
   }
   return s;
 }
@@ -289,11 +303,13 @@ std::string PplResultsJson(const std::vector<PplResult>& results) {
                  {"scored_tokens", r.scored_tokens},
                  {"mean_nll", r.mean_nll},
                  {"perplexity", r.perplexity},
+                 {"nll_delta_mean", r.nll_delta_mean},
+                 {"nll_delta_stderr", r.nll_delta_stderr},
                  {"mean_kl", r.mean_kl},
                  {"max_kl", r.max_kl},
                  {"top1_agreement", r.top1_agreement},
-                 {"greedy_agreement", r.greedy_agreement},
-                 {"greedy_prefix", r.greedy_prefix},
+                 {"greedy_agreement", std::isnan(r.greedy_agreement) ? nlohmann::json() : nlohmann::json(r.greedy_agreement)},
+                 {"greedy_prefix", std::isnan(r.greedy_prefix) ? nlohmann::json() : nlohmann::json(r.greedy_prefix)},
                  {"seconds", r.seconds}});
   }
   return j.dump(2);

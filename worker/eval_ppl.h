@@ -67,11 +67,17 @@ struct PplResult {
   int32_t windows = 0;
   double mean_nll = 0;    // nats per scored token
   double perplexity = 0;  // exp(mean_nll)
+  // Paired per-token NLL difference vs the reference (this format minus the
+  // reference, same tokens): mean and its standard error. exp(mean) - 1 is
+  // the relative perplexity change vs the reference; 1.96 * stderr bounds
+  // its 95% confidence interval, i.e. how much of a change is noise.
+  double nll_delta_mean = 0;
+  double nll_delta_stderr = 0;
   double mean_kl = 0;     // vs the reference, nats
   double max_kl = 0;
   double top1_agreement = 0;    // [0, 1]
-  double greedy_agreement = 0;  // equal tokens, position by position, [0, 1]
-  double greedy_prefix = 0;     // mean identical-prefix fraction, [0, 1]
+  double greedy_agreement = 0;  // equal tokens, position by position, [0, 1]; NaN: not run
+  double greedy_prefix = 0;     // mean identical-prefix fraction, [0, 1]; NaN: not run
   double seconds = 0;
 };
 
@@ -108,6 +114,7 @@ class PplEvaluator {
   PplResult reference_result_;
   std::vector<float> ref_logprobs_;               // [scored][vocab]
   std::vector<int32_t> ref_argmax_;               // [scored]
+  std::vector<double> ref_nll_;                   // [scored]
   std::vector<std::vector<int32_t>> ref_greedy_;  // [N][G]
 };
 
