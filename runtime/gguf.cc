@@ -55,7 +55,8 @@ class Cursor {
 
 using VT = GgufValue::Type;
 
-absl::Status ReadScalar(Cursor& c, VT type, GgufValue* v, const std::string& key) {
+absl::Status ReadScalar(Cursor& c, VT type, GgufValue* v, const std::string& key,
+                        const std::string& source) {
   const char* what = "a metadata value";
   switch (type) {
     case VT::kUint8: { uint8_t x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
@@ -81,8 +82,8 @@ absl::Status ReadScalar(Cursor& c, VT type, GgufValue* v, const std::string& key
       break;
     }
     default:
-      return absl::DataLossError(absl::StrCat("metadata key '", key, "' has unknown value type ",
-                                              static_cast<uint32_t>(type)));
+      return absl::DataLossError(absl::StrCat(source, ": metadata key '", key,
+                                              "' has unknown value type ", static_cast<uint32_t>(type)));
   }
   return absl::OkStatus();
 }
@@ -90,13 +91,7 @@ absl::Status ReadScalar(Cursor& c, VT type, GgufValue* v, const std::string& key
 absl::Status ReadValue(Cursor& c, VT type, GgufValue* v, const std::string& key,
                        const std::string& source) {
   v->type = type;
-  if (type != VT::kArray) {
-    absl::Status s = ReadScalar(c, type, v, key);
-    if (!s.ok() && s.code() == absl::StatusCode::kDataLoss && s.message().find(source) != 0) {
-      return absl::DataLossError(absl::StrCat(source, ": ", s.message()));
-    }
-    return s;
-  }
+  if (type != VT::kArray) return ReadScalar(c, type, v, key, source);
   uint32_t et = 0;
   uint64_t n = 0;
   RETURN_IF_ERROR(c.Read(&et, "an array element type"));
