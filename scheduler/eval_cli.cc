@@ -32,6 +32,7 @@ struct EvalFlags {
 struct CalibrateFlags {
   std::string model, text, out, dtypes = "int8";
   std::string bos = "auto";
+  std::string k_range = "observed";
   bool per_head = false;
   CalibrateOptions opts;
 };
@@ -193,9 +194,15 @@ absl::Status RunCalibrate(const CalibrateFlags& f) {
   }
   CalibrateOptions o = f.opts;
   ASSIGN_OR_RETURN(o.bos_id, BosId(f.bos, *l.tokenizer));
+  KRange k_range = KRange::kObserved;
+  if (f.k_range == "rope") {
+    k_range = KRange::kRopePairNorm;
+  } else if (f.k_range != "observed") {
+    return absl::InvalidArgumentError(absl::StrCat("--k-range: expected observed or rope, got ", f.k_range));
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<KvRangeObserver> ranges, ObserveKvRanges(l.weights, l.tokens, o));
   for (KvDtype d : dtypes) {
-    ASSIGN_OR_RETURN(KvQuantParams p, ranges->Finish(d, f.per_head));
+    ASSIGN_OR_RETURN(KvQuantParams p, ranges->Finish(d, f.per_head, k_range));
     const std::string path = ForDtype(f.out, d);
     std::ofstream out(path);
     out << KvQuantParamsToJson(p, f.per_head) << "\n";
@@ -261,6 +268,9 @@ void RegisterEvalCommands(CLI::App& app) {
       ->check(CLI::NonNegativeNumber);
   cal->add_option("--batch", c.opts.batch, "Windows per step")->capture_default_str()->check(CLI::PositiveNumber);
   cal->add_option("--bos", c.bos, "Token starting each window: auto (the tokenizer's), none, or an id")
+      ->capture_default_str();
+  cal->add_option("--k-range", c.k_range,
+                  "K range: observed (min/max seen) or rope (RoPE pair norm: valid at any position)")
       ->capture_default_str();
   st.calibrate = cal;
 }

@@ -80,10 +80,10 @@ absl::StatusOr<std::unique_ptr<KvRangeObserver>> ObserveKvRanges(
 absl::StatusOr<KvQuantParams> CalibrateKvQuantParams(const ModelWeights& weights,
                                                      const std::vector<int32_t>& text_tokens,
                                                      const CalibrateOptions& options, KvDtype dtype,
-                                                     bool per_head) {
+                                                     bool per_head, KRange k_range) {
   ASSIGN_OR_RETURN(std::unique_ptr<KvRangeObserver> ranges,
                    ObserveKvRanges(weights, text_tokens, options));
-  return ranges->Finish(dtype, per_head);
+  return ranges->Finish(dtype, per_head, k_range);
 }
 
 }  // namespace strata

@@ -40,6 +40,7 @@ absl::StatusOr<std::unique_ptr<KvRangeObserver>> ObserveKvRanges(
 absl::StatusOr<KvQuantParams> CalibrateKvQuantParams(const ModelWeights& weights,
                                                      const std::vector<int32_t>& text_tokens,
                                                      const CalibrateOptions& options, KvDtype dtype,
-                                                     bool per_head);
+                                                     bool per_head,
+                                                     KRange k_range = KRange::kObserved);
 
 }  // namespace strata

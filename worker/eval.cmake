@@ -16,3 +16,5 @@ target_link_libraries(strata-eval PRIVATE strata_eval_cli)
 
 strata_cc_test(accuracy_ci_test SRCS ${CMAKE_SOURCE_DIR}/tests/accuracy_ci_test.cc
                DEPS strata_eval strata_tokenizer strata_test_data)
+strata_cc_test(worker_kv_calibration_test SRCS ${CMAKE_CURRENT_LIST_DIR}/kv_calibration_test.cc
+               DEPS strata_kv_calibration)

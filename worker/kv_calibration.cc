@@ -16,6 +16,7 @@ KvRangeObserver::KvRangeObserver(int32_t num_layers, int32_t num_kv_heads, int32
   v_min_ = k_min_;
   k_max_.assign(n, -std::numeric_limits<float>::infinity());
   v_max_ = k_max_;
+  k_pair_norm_.assign(n, 0.0f);
 }
 
 void KvRangeObserver::Observe(int32_t layer, const float* k, const float* v, int64_t tokens) {
@@ -30,12 +31,17 @@ void KvRangeObserver::Observe(int32_t layer, const float* k, const float* v, int
         v_min_[idx] = std::min(v_min_[idx], vr[d]);
         v_max_[idx] = std::max(v_max_[idx], vr[d]);
       }
+      const int32_t half = head_dim_ / 2;
+      for (int32_t d = 0; d < half; ++d) {
+        k_pair_norm_[idx] = std::max(k_pair_norm_[idx], std::hypot(kr[d], kr[d + half]));
+      }
     }
   }
   if (layer == 0) tokens_ += tokens;
 }
 
-absl::StatusOr<KvQuantParams> KvRangeObserver::Finish(KvDtype dtype, bool per_head) const {
+absl::StatusOr<KvQuantParams> KvRangeObserver::Finish(KvDtype dtype, bool per_head,
+                                                      KRange k_range) const {
   if (tokens_ == 0) return absl::FailedPreconditionError("no K/V observed: calibration text is empty");
   if (!KvFormatSupported({dtype, KvScaleMode::kStatic})) {
     return absl::InvalidArgumentError(
@@ -56,17 +62,20 @@ absl::StatusOr<KvQuantParams> KvRangeObserver::Finish(KvDtype dtype, bool per_he
       *zero = 0.0f;
     }
   };
+  // K range of (layer, head) index i.
+  auto k_lo = [&](size_t i) { return k_range == KRange::kRopePairNorm ? -k_pair_norm_[i] : k_min_[i]; };
+  auto k_hi = [&](size_t i) { return k_range == KRange::kRopePairNorm ? k_pair_norm_[i] : k_max_[i]; };
   for (int32_t l = 0; l < num_layers_; ++l) {
     float lk_min = INFINITY, lk_max = -INFINITY, lv_min = INFINITY, lv_max = -INFINITY;
     for (int32_t h = 0; h < num_kv_heads_; ++h) {
       const size_t i = static_cast<size_t>(l) * num_kv_heads_ + h;
-      lk_min = std::min(lk_min, k_min_[i]), lk_max = std::max(lk_max, k_max_[i]);
+      lk_min = std::min(lk_min, k_lo(i)), lk_max = std::max(lk_max, k_hi(i));
       lv_min = std::min(lv_min, v_min_[i]), lv_max = std::max(lv_max, v_max_[i]);
     }
     for (int32_t h = 0; h < num_kv_heads_; ++h) {
       const size_t i = static_cast<size_t>(l) * num_kv_heads_ + h;
       if (per_head) {
-        params(k_min_[i], k_max_[i], &p.k_scale[l][h], &p.k_zero[l][h]);
+        params(k_lo(i), k_hi(i), &p.k_scale[l][h], &p.k_zero[l][h]);
         params(v_min_[i], v_max_[i], &p.v_scale[l][h], &p.v_zero[l][h]);
       } else {
         params(lk_min, lk_max, &p.k_scale[l][h], &p.k_zero[l][h]);
