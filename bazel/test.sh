@@ -12,9 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd -P)
 
-if [[ -z ${STRATA_BAZEL_NETNS:-} ]] && unshare -n true 2>/dev/null; then
+if [[ -z ${STRATA_BAZEL_NETNS:-} ]] && unshare -n true 2>/dev/null && command -v ip >/dev/null; then
   export STRATA_BAZEL_NETNS=1
-  exec unshare -n sh -c 'ip link set lo up && exec "$0" "$@"' "$0" "$@"
+  exec unshare -n sh -c 'ip link set lo up && exec "$0" "$@"' "$root/bazel/test.sh" "$@"
 fi
 if [[ -n ${STRATA_BAZEL_NETNS:-} ]]; then
   echo "bazel/test.sh: offline (network namespace with loopback only)"
@@ -46,12 +46,16 @@ if [[ -n ${STRATA_BAZEL_NETNS:-} ]]; then startup_flags=(--max_idle_secs=15); fi
 # Layering (STYLE.md rule 1): visibility stops direct edges; this stops
 # transitive ones too. Each query must come back empty.
 check_layering() {
-  local lower=$1 higher=$2 bad
+  local lower=$1 higher=$2 bad err
+  err=$(mktemp)
   bad=$(bazel "${startup_flags[@]}" query --noshow_progress \
-        "kind(rule, deps($lower) intersect ($higher))" 2>/dev/null) || {
+        "kind(rule, deps($lower) intersect ($higher))" 2>"$err") || {
+    cat "$err" >&2
+    rm -f "$err"
     echo "bazel/test.sh: bazel query failed for deps($lower)" >&2
     return 1
   }
+  rm -f "$err"
   if [[ -n $bad ]]; then
     echo "bazel/test.sh: layering violation: $lower depends on:" >&2
     echo "$bad" >&2
