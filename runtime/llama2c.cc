@@ -8,31 +8,12 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/gguf.h"  // PermuteRowsForRotateHalf
 #include "runtime/mapped_file.h"
 #include "runtime/status_macros.h"
 #include "runtime/weights.h"
 
 namespace strata {
-namespace {
-
-// Reorders q/k rows from interleaved-pair RoPE (llama2.c/Meta) to the HF
-// rotate_half layout: HF row h*hd + i*(hd/2) + j  <-  Meta row h*hd + 2j + i.
-std::vector<float> PermuteForRotateHalf(const float* src, int heads, int head_dim, int cols) {
-  std::vector<float> dst(static_cast<size_t>(heads) * head_dim * cols);
-  const int half = head_dim / 2;
-  for (int h = 0; h < heads; ++h) {
-    for (int i = 0; i < 2; ++i) {
-      for (int j = 0; j < half; ++j) {
-        const float* s = src + (static_cast<size_t>(h) * head_dim + 2 * j + i) * cols;
-        float* d = dst.data() + (static_cast<size_t>(h) * head_dim + i * half + j) * cols;
-        std::memcpy(d, s, sizeof(float) * cols);
-      }
-    }
-  }
-  return dst;
-}
-
-}  // namespace
 
 absl::StatusOr<ModelWeights> LoadLlama2cWeights(const std::string& path) {
   ASSIGN_OR_RETURN(MappedFile file, MappedFile::Open(path));
@@ -89,11 +70,11 @@ absl::StatusOr<ModelWeights> LoadLlama2cWeights(const std::string& path) {
   w.layers.resize(L);
   for (auto& l : w.layers) l.attn_norm = take(d);
   for (auto& l : w.layers) {
-    l.wq = PermuteForRotateHalf(p, c.num_heads, c.head_dim, d);
+    l.wq = PermuteRowsForRotateHalf(p, c.num_heads, c.head_dim, d);
     p += d * d;
   }
   for (auto& l : w.layers) {
-    l.wk = PermuteForRotateHalf(p, c.num_kv_heads, c.head_dim, d);
+    l.wk = PermuteRowsForRotateHalf(p, c.num_kv_heads, c.head_dim, d);
     p += kv * d;
   }
   for (auto& l : w.layers) l.wv = take(kv * d);
