@@ -187,18 +187,7 @@ absl::Status CpuEngine::Validate(const StepInput& input) const {
       }
     }
   }
-  auto check_moves = [&](const std::vector<KvBlockMove>& moves, int32_t src_n, int32_t dst_n,
-                         const char* what) -> absl::Status {
-    for (const KvBlockMove& m : moves) {
-      if (m.src < 0 || m.src >= src_n || m.dst < 0 || m.dst >= dst_n) {
-        return absl::InvalidArgumentError(absl::StrCat(what, " ", m.src, "->", m.dst, " out of range"));
-      }
-    }
-    return absl::OkStatus();
-  };
-  RETURN_IF_ERROR(check_moves(input.swap_out, options_.num_gpu_blocks, options_.num_cpu_blocks, "swap-out"));
-  RETURN_IF_ERROR(check_moves(input.swap_in, options_.num_cpu_blocks, options_.num_gpu_blocks, "swap-in"));
-  RETURN_IF_ERROR(check_moves(input.copies, options_.num_gpu_blocks, options_.num_gpu_blocks, "copy"));
+  RETURN_IF_ERROR(ValidateBlockMoves(input, options_));
   return absl::OkStatus();
 }
 

@@ -10,7 +10,7 @@ add_library(strata_cuda_engine STATIC
   ${STRATA_WORKER_DIR}/cuda_forward.cc)
 target_include_directories(strata_cuda_engine PUBLIC ${STRATA_ENGINE_ROOT})
 target_link_libraries(strata_cuda_engine PUBLIC
-  strata_cuda_ops strata_kernels_cuda strata_kv_view_util strata_kernels_cpu
+  strata_engine strata_cuda_ops strata_kernels_cuda strata_kv_view_util strata_kernels_cpu
   strata_model_io strata_sampling strata_block_manager CUDA::cudart CUDA::cublas)
 
 # stories15M on the GPU against the golden tokens and logits; every KV dtype;

@@ -425,18 +425,7 @@ absl::Status CudaEngine::Validate(const StepInput& input) const {
     return absl::InvalidArgumentError(absl::StrCat("step has ", total, " new tokens, max_num_tokens is ",
                                                    options_.max_num_tokens));
   }
-  auto check_moves = [&](const std::vector<KvBlockMove>& moves, int32_t src_n, int32_t dst_n,
-                         const char* what) -> absl::Status {
-    for (const KvBlockMove& m : moves) {
-      if (m.src < 0 || m.src >= src_n || m.dst < 0 || m.dst >= dst_n) {
-        return absl::InvalidArgumentError(absl::StrCat(what, " ", m.src, "->", m.dst, " out of range"));
-      }
-    }
-    return absl::OkStatus();
-  };
-  RETURN_IF_ERROR(check_moves(input.swap_out, eo.num_gpu_blocks, eo.num_cpu_blocks, "swap-out"));
-  RETURN_IF_ERROR(check_moves(input.swap_in, eo.num_cpu_blocks, eo.num_gpu_blocks, "swap-in"));
-  RETURN_IF_ERROR(check_moves(input.copies, eo.num_gpu_blocks, eo.num_gpu_blocks, "copy"));
+  RETURN_IF_ERROR(ValidateBlockMoves(input, eo));
   // The copy kernel runs all pairs at once: destinations distinct, never sources.
   std::vector<int32_t> dsts, srcs;
   for (const KvBlockMove& m : input.copies) {

@@ -79,4 +79,9 @@ class Engine {
   virtual bool SupportsSampling() const { return false; }
 };
 
+// INVALID_ARGUMENT unless every swap-out, swap-in and copy pair of `input`
+// names blocks inside the pools of `options`. Engines call it before moving
+// anything.
+absl::Status ValidateBlockMoves(const StepInput& input, const EngineOptions& options);
+
 }  // namespace strata
