@@ -92,7 +92,11 @@ system_libs = repository_rule(
         "manual": attr.string_list_dict(),
     },
     environ = ["PKG_CONFIG_PATH", "PKG_CONFIG_LIBDIR"],
-    local = True,
+    # Cached across Bazel server restarts (bazel/test.sh starts a fresh server
+    # each run; ~20 pkg-config calls take seconds). After installing or
+    # upgrading system libraries: `bazel sync --configure` (Bazel does not
+    # track files under /usr/include either).
+    configure = True,
 )
 
 def _local_cuda_impl(rctx):
@@ -129,5 +133,5 @@ def _local_cuda_impl(rctx):
 local_cuda = repository_rule(
     implementation = _local_cuda_impl,
     attrs = {"path": attr.string(default = "/usr/local/cuda")},
-    local = True,
+    configure = True,
 )
