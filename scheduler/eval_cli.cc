@@ -1,5 +1,6 @@
 #include "scheduler/eval_cli.h"
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -10,6 +11,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
@@ -167,9 +169,12 @@ absl::Status RunEvalPpl(const EvalFlags& f) {
     absl::StatusOr<PplResult> r = spec.format == eo.reference && !spec.params ? ev->Reference()
                                                                              : ev->Evaluate(spec);
     if (!r.ok()) return r.status();
-    std::fprintf(stderr, "%-18s ppl %.4f  KL %.2e  top1 %.2f%%  greedy %.1f%%  (%.0f s)\n",
+    const std::string greedy = std::isnan(r->greedy_agreement)
+                                   ? std::string("-")
+                                   : absl::StrFormat("%.1f%%", 100 * r->greedy_agreement);
+    std::fprintf(stderr, "%-18s ppl %.4f  KL %.2e  top1 %.2f%%  greedy %s  (%.0f s)\n",
                  r->label.c_str(), r->perplexity, r->mean_kl, 100 * r->top1_agreement,
-                 100 * r->greedy_agreement, r->seconds);
+                 greedy.c_str(), r->seconds);
     results.push_back(*r);
   }
   std::printf("\n%s", PplResultsMarkdown(results).c_str());
