@@ -28,6 +28,8 @@
 #include "spdlog/spdlog.h"
 
 namespace strata::serving {
+
+constexpr absl::Duration kLameDuck = absl::Milliseconds(750);
 namespace {
 
 constexpr char kServiceName[] = "strata.v1.Generation";
@@ -297,6 +299,10 @@ int RunServe(const ServeOptions& o) {
   if (left > 0) spdlog::warn("failing {} unfinished requests with UNAVAILABLE", left);
   (*serving)->Stop();
   model->Shutdown();  // workers asked to exit, then killed and reaped
+  // Lame duck: for a moment the listener stays up and every new call is
+  // answered UNAVAILABLE by the handlers; calls that reach gRPC after
+  // server->Shutdown() would be CANCELLED by the library instead.
+  if (!signals.forced()) absl::SleepFor(kLameDuck);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   server->Wait();
   serving->reset();
