@@ -3,6 +3,7 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -10,45 +11,61 @@ namespace strata::cpu {
 
 namespace {
 
-// y[r][j] (+)= dot(x[r], w[j]) for a few rows r: the weights stream from
-// memory once and each row of w is reused for every x row. Rows of w are
-// split statically across threads (one parallel region per call).
+// y[r][j] (+)= dot(x[r], w[j]) for up to 4 rows r of x against one row of w.
+// 32 lanes per row (two independent vector accumulators) keep FMAs in flight.
 template <int M>
-void SmallBatchLinear(const float* x, const float* w, float* y, int64_t n, int64_t k,
+inline void DotRows(const float* x, int64_t x_stride, const float* wr, int64_t k, float* out) {
+  float acc[M][32] = {};
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    for (int r = 0; r < M; ++r) {
+      const float* xr = x + r * x_stride + i;
+      for (int t = 0; t < 32; ++t) acc[r][t] += wr[i + t] * xr[t];
+    }
+  }
+  for (int r = 0; r < M; ++r) {
+    float s = 0.0f;
+    for (int t = 0; t < 32; ++t) s += acc[r][t];
+    for (int64_t t = i; t < k; ++t) s += wr[t] * x[r * x_stride + t];
+    out[r] = s;
+  }
+}
+
+// Small batches (m <= kSmallBatchRows): every row of w streams from memory
+// once and is reused for all rows of x, four at a time. Rows of w are split
+// statically across threads (one parallel region per call). OpenBLAS sgemm
+// would repack the whole weight matrix on every call, which dominates at
+// these sizes.
+void SmallBatchLinear(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
                       bool accumulate) {
 #pragma omp parallel for schedule(static) if (n * k >= 32768)
   for (int64_t j = 0; j < n; ++j) {
     const float* wr = w + j * k;
-    float acc[M][16] = {};
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-      for (int r = 0; r < M; ++r) {
-        const float* xr = x + r * k + i;
-        for (int t = 0; t < 16; ++t) acc[r][t] += wr[i + t] * xr[t];
+    float out[4];
+    for (int64_t r0 = 0; r0 < m; r0 += 4) {
+      const float* xr = x + r0 * k;
+      switch (std::min<int64_t>(4, m - r0)) {
+        case 1: DotRows<1>(xr, k, wr, k, out); break;
+        case 2: DotRows<2>(xr, k, wr, k, out); break;
+        case 3: DotRows<3>(xr, k, wr, k, out); break;
+        default: DotRows<4>(xr, k, wr, k, out); break;
       }
-    }
-    for (int r = 0; r < M; ++r) {
-      float s = 0.0f;
-      for (int t = 0; t < 16; ++t) s += acc[r][t];
-      for (int64_t t = i; t < k; ++t) s += wr[t] * x[r * k + t];
-      float* out = y + r * n + j;
-      *out = accumulate ? *out + s : s;
+      for (int64_t r = r0; r < std::min<int64_t>(m, r0 + 4); ++r) {
+        float* o = y + r * n + j;
+        *o = accumulate ? *o + out[r - r0] : out[r - r0];
+      }
     }
   }
 }
+
+constexpr int64_t kSmallBatchRows = 4;
 
 }  // namespace
 
 void Linear(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
             bool accumulate) {
   const float beta = accumulate ? 1.0f : 0.0f;
-  switch (m) {
-    case 1: return SmallBatchLinear<1>(x, w, y, n, k, accumulate);
-    case 2: return SmallBatchLinear<2>(x, w, y, n, k, accumulate);
-    case 3: return SmallBatchLinear<3>(x, w, y, n, k, accumulate);
-    case 4: return SmallBatchLinear<4>(x, w, y, n, k, accumulate);
-    default: break;
-  }
+  if (m <= kSmallBatchRows) return SmallBatchLinear(x, w, y, m, n, k, accumulate);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
               static_cast<blasint>(n), static_cast<blasint>(k), 1.0f, x, static_cast<blasint>(k),
               w, static_cast<blasint>(k), beta, y, static_cast<blasint>(n));
