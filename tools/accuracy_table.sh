@@ -104,7 +104,7 @@ read -r -d '' ACC_NOTES_TEXT <<'NOTES' || true
   windows never show, and static int8 clamps them. Two remedies: calibrate at the serving context
   (docs/kv_quant_params.md), or `strata calibrate --k-range rope`, which bounds each head's K by its
   largest RoPE pair norm sqrt(k_j² + k_{j+32}²), unchanged by the rotation. Measured (same binary,
-  2-core build machine, `tools`-independent runs): --k-range rope calibrated with 2048-position
+  2-core build machine, run by hand with strata-eval): --k-range rope calibrated with 2048-position
   windows, evaluated at 8192 as above: perplexity 22.118, +0.73% vs fp16 (+0.74% ± 0.78% vs fp32),
   KL 3.9e-3, top-1 96.5%, against +7.95% and KL 7.8e-2 for the observed range on the same windows.
   Where no extrapolation is needed it costs a little resolution: calibrated on 512-position windows
