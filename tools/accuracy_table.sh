@@ -132,7 +132,8 @@ run_part() {
       --max-tokens "$cal_tokens" >&2
   fi
   echo "== $name: evaluating $windows window(s) of $ctx, stride $stride ==" >&2
-  local start=$(date +%s)
+  local start
+  start=$(date +%s)
   "$BIN" eval-ppl --model "$model" --text "$TEXT" --kv-cache-dtype "${ACC_DTYPES:-all}" \
     ${ACC_MODES:+--kv-scale-mode "$ACC_MODES"} \
     --kv-quant-params-path "$params" --context "$ctx" --stride "$stride" \
