@@ -132,6 +132,7 @@ int RunRemoteGenerate(const ClientOptions& o, const v1::GenerateRequest& request
   if (!s.ok()) return Fail("generate", s);
   echo();
   std::fputs("\n", stdout);
+  std::fflush(stdout);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::fprintf(stderr, "[%s: %d prompt + %d generated tokens in %.3f s, first token after %.3f s]\n",
                v1::FinishReason_Name(last.finish_reason()).c_str(), last.usage().prompt_tokens(),
