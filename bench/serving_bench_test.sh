@@ -79,7 +79,7 @@ echo "server ready on $ADDR, metrics on port $METRICS_PORT"
 # --- fixed workload at concurrency 4 -----------------------------------------------------------
 "$BENCH" --server "$ADDR" --workload fixed --input-len 32 --output-len 8 --num-prompts 16 \
   --concurrency 4 --seed 7 --metrics-url "http://127.0.0.1:$METRICS_PORT/metrics" \
-  --metrics-interval 0.2 --label cpu-fixed --output "$TMP/fixed.json" | tee "$TMP/fixed.txt" ||
+  --metrics-interval 0.05 --label cpu-fixed --output "$TMP/fixed.json" | tee "$TMP/fixed.txt" ||
   fail "fixed run exited $?"
 grep -q "Successful requests: *16" "$TMP/fixed.txt" || fail "summary: $(cat "$TMP/fixed.txt")"
 
