@@ -103,4 +103,17 @@ std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int32_t 
   return out;
 }
 
+namespace {
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+uint64_t SeedForPosition(uint64_t seed, uint64_t position) {
+  return SplitMix64(seed ^ SplitMix64(position));
+}
+
 }  // namespace strata

@@ -35,6 +35,11 @@ class Sampler {
   std::vector<std::pair<float, int32_t>> scratch_;
 };
 
+// The seed of a request's sampler for the token sampled at `position`: a
+// seeded request's stream is keyed by (seed, position), so it does not depend
+// on the batch, on preemption (recompute) or on the process that samples.
+uint64_t SeedForPosition(uint64_t seed, uint64_t position);
+
 int32_t ArgMax(const float* logits, int32_t n);
 
 // log-softmax of `logits` at `token`, and the top `n` (id, logprob) pairs.

@@ -50,7 +50,7 @@ absl::StatusOr<SeqId> EngineLoop::AddRequest(const LoopRequest& request) {
   r.max_tokens = request.max_tokens;
   r.stop_token_ids = request.stop_token_ids;
   ASSIGN_OR_RETURN(SeqId id, scheduler_->AddRequest(std::move(r)));
-  samplers_.emplace(id, Sampler(request.sampling));
+  sampling_.emplace(id, SeqSampling{request.sampling, request.num_logprobs});
   return id;
 }
 
@@ -64,17 +64,26 @@ bool EngineLoop::HasWork() const {
 absl::Status EngineLoop::Step() {
   StepPlan plan = scheduler_->Schedule();
   StepResult result;
+  sampled_index_.clear();
   result.step_id = plan.step_id;
   if (!plan.seqs.empty() || !plan.swap_in.empty() || !plan.swap_out.empty() || !plan.copy.empty()) {
     StepInput in;
     in.seqs.reserve(plan.seqs.size());
+    const bool engine_samples = engine_->SupportsSampling();
     for (const ScheduledSeq& s : plan.seqs) {
       SeqStepInput x;
       x.tokens = s.token_ids;
       x.start_pos = s.start_pos;
       x.block_table.reserve(s.block_table.size());
       for (BlockId b : s.block_table) x.block_table.push_back(b.value());
-      x.logits = s.needs_logits ? SeqStepInput::Logits::kLast : SeqStepInput::Logits::kNone;
+      x.logits = s.needs_logits && !engine_samples ? SeqStepInput::Logits::kLast
+                                                   : SeqStepInput::Logits::kNone;
+      if (s.needs_logits && engine_samples) {
+        const SeqSampling& sp = sampling_.at(s.seq_id);
+        x.sample = true;
+        x.sampling = sp.params;
+        x.num_logprobs = sp.num_logprobs;
+      }
       in.seqs.push_back(std::move(x));
     }
     auto moves = [](const std::vector<BlockCopy>& from, std::vector<KvBlockMove>* to) {
@@ -96,17 +105,33 @@ absl::Status EngineLoop::Step() {
       return st;
     }
     const int32_t vocab = engine_->config().vocab_size;
+    if (engine_samples && output_.sampled.size() != plan.seqs.size()) {
+      for (const ScheduledSeq& s : plan.seqs) (void)scheduler_->Abort(s.seq_id);
+      (void)scheduler_->OnStepResult(result);
+      return absl::InternalError(absl::StrCat("the engine returned ", output_.sampled.size(),
+                                              " samples for ", plan.seqs.size(), " sequences"));
+    }
     for (size_t i = 0; i < plan.seqs.size(); ++i) {
       const ScheduledSeq& s = plan.seqs[i];
       if (!s.needs_logits) continue;
-      const float* logits = output_.logits.data() + int64_t{output_.row_begin[i]} * vocab;
-      const int32_t tok = samplers_.at(s.seq_id).Sample(logits, vocab);
+      int32_t tok;
+      if (engine_samples) {
+        tok = output_.sampled[i].token;
+      } else {
+        const float* logits = output_.logits.data() + int64_t{output_.row_begin[i]} * vocab;
+        SamplingParams sp = sampling_.at(s.seq_id).params;
+        const uint64_t pos = static_cast<uint64_t>(s.start_pos) + s.token_ids.size() - 1;
+        sp.seed = SeedForPosition(sp.seed, pos);
+        tok = Sampler(sp).Sample(logits, vocab);
+      }
       result.sampled.push_back({s.seq_id, tok});
+      sampled_index_.push_back(static_cast<int32_t>(i));
     }
   }
   ASSIGN_OR_RETURN(std::vector<FinishedSeq> finished, scheduler_->OnStepResult(result));
   if (callbacks_.on_token) {
-    for (const SampledToken& t : result.sampled) {
+    for (size_t k = 0; k < result.sampled.size(); ++k) {
+      const SampledToken& t = result.sampled[k];
       // Tokens of finished sequences that hit a stop token are not emitted.
       bool stopped = false;
       for (const FinishedSeq& f : finished) {
@@ -115,12 +140,14 @@ absl::Status EngineLoop::Step() {
       if (!stopped) {
         const auto it = std::find_if(plan.seqs.begin(), plan.seqs.end(),
                                      [&](const ScheduledSeq& s) { return s.seq_id == t.seq_id; });
-        callbacks_.on_token(it->request_id, t.token);
+        const StepOutput::Sampled* sampled =
+            engine_->SupportsSampling() ? &output_.sampled[sampled_index_[k]] : nullptr;
+        callbacks_.on_token(it->request_id, t.token, sampled);
       }
     }
   }
   for (const FinishedSeq& f : finished) {
-    samplers_.erase(f.seq_id);
+    sampling_.erase(f.seq_id);
     if (callbacks_.on_finish) callbacks_.on_finish(f);
   }
   return absl::OkStatus();

@@ -99,6 +99,24 @@ void ServingMetrics::Declare(const ModelInfoLabels& info) {
                .Help("Wall time of one engine step").Register(r).Add({}, StepBuckets());
   outcomes_ = &BuildCounter().Name("strata_requests_total")
                    .Help("Finished requests by outcome (finish reason or status code)").Register(r);
+  worker_step_ = &BuildHistogram().Name("strata_worker_step_duration_seconds")
+                      .Help("Forward pass of one step on one tensor-parallel rank").Register(r);
+  worker_memory_ = &BuildGauge().Name("strata_worker_device_memory_bytes")
+                        .Help("Memory of one rank by use (device memory for cuda ranks)").Register(r);
+  worker_up_ = &BuildGauge().Name("strata_worker_up")
+                    .Help("1 while the rank is running and connected to the scheduler").Register(r);
+}
+
+void ServingMetrics::SetWorkerUp(int rank, bool up) {
+  worker_up_->Add({{"rank", std::to_string(rank)}}).Set(up ? 1 : 0);
+}
+
+void ServingMetrics::SetWorkerMemory(int rank, const std::string& kind, int64_t bytes) {
+  worker_memory_->Add({{"rank", std::to_string(rank)}, {"kind", kind}}).Set(static_cast<double>(bytes));
+}
+
+void ServingMetrics::OnWorkerStep(int rank, double forward_seconds) {
+  worker_step_->Add({{"rank", std::to_string(rank)}}, StepBuckets()).Observe(forward_seconds);
 }
 
 void ServingMetrics::SetPoolSizes(int32_t gpu_blocks, int32_t cpu_blocks, int64_t bytes_per_block) {
@@ -130,6 +148,7 @@ void ServingMetrics::OnStep(const SchedulerStats& s, double step_seconds, int64_
   if (generation_tokens > 0) generation_tokens_->Increment(static_cast<double>(generation_tokens));
   steps_->Increment();
   step_->Observe(step_seconds);
+  if (in_process_worker_) OnWorkerStep(0, step_seconds);
 }
 
 void ServingMetrics::OnFirstToken(double seconds) { ttft_->Observe(seconds); }

@@ -48,6 +48,15 @@ class ServingMetrics {
   void OnRequestDone(const std::string& outcome, double e2e_seconds, double seconds_per_output_token,
                      int64_t output_tokens);
 
+  // Workers (tensor-parallel ranks; rank 0 alone for an in-process engine).
+  // Thread-safe.
+  void SetWorkerUp(int rank, bool up);
+  // kind: weights, kv_cache, activations, swap, free, total.
+  void SetWorkerMemory(int rank, const std::string& kind, int64_t bytes);
+  void OnWorkerStep(int rank, double forward_seconds);
+  // In-process engine: every OnStep also counts as rank 0's forward pass.
+  void set_in_process_worker(bool on) { in_process_worker_ = on; }
+
   prometheus::Registry& registry() { return *registry_; }
   std::string Serialize() const;  // text exposition format
 
@@ -82,6 +91,10 @@ class ServingMetrics {
   prometheus::Histogram* e2e_ = nullptr;
   prometheus::Histogram* step_ = nullptr;
   prometheus::Family<prometheus::Counter>* outcomes_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* worker_step_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* worker_memory_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* worker_up_ = nullptr;
+  bool in_process_worker_ = false;
   SchedulerStats last_;  // for counter deltas
 };
 

@@ -80,6 +80,12 @@ absl::Status RemoteEngine::Handshake(const RemoteEngineOptions& o, absl::Time de
   i->set_kv_quant_params_path(o.kv_quant_params_path);
   i->set_rendezvous_prefix(RandomPrefix());
   i->set_collective_timeout_ms(absl::ToInt64Milliseconds(o.collective_timeout));
+  i->set_device(o.device);
+  i->set_dtype(o.dtype);
+  i->set_gpu_memory_utilization(o.gpu_memory_utilization);
+  i->set_max_num_seqs(o.max_num_seqs);
+  i->set_max_num_tokens(o.max_num_tokens);
+  i->set_enforce_eager(o.enforce_eager);
   for (const auto& w : workers_) RETURN_IF_ERROR(w->Send(init));
   int64_t gpu_blocks = INT32_MAX, cpu_blocks = INT32_MAX;
   for (int r = 0; r < n; ++r) {
@@ -116,6 +122,9 @@ absl::Status RemoteEngine::Handshake(const RemoteEngineOptions& o, absl::Time de
     if (!s.ok()) {
       return absl::Status(s.code(), absl::StrCat("worker ", workers_[r]->Describe(), " failed to allocate: ", s.message()));
     }
+    const v1::MemoryReport& mr = m.allocated().memory();
+    memory_.push_back({mr.device(), mr.total(), mr.weights(), mr.activations(), mr.kv_cache(), mr.swap(),
+                       mr.free()});
   }
   engine_options_.kv_format = o.kv_format;
   engine_options_.block_size = o.block_size;
@@ -187,6 +196,7 @@ absl::Status RemoteEngine::Step(const StepInput& input, StepOutput* output) {
   absl::Status rejected;  // INVALID_ARGUMENT from every rank: the step, not the group, is bad
   std::string disagreement;
   int64_t worker_us = 0, engine_us = 0;
+  rank_us_.assign(2 * n, 0);
   for (int r = 0; r < n; ++r) {
     const bool any_failure = !closed.empty() || !failed.empty() || !silent.empty() || !quiet.empty();
     absl::StatusOr<v1::WorkerMessage> m = workers_[r]->Receive(wait_until);
@@ -211,6 +221,7 @@ absl::Status RemoteEngine::Step(const StepInput& input, StepOutput* output) {
       } else {
         worker_us = std::max<int64_t>(worker_us, res->worker_us());
         engine_us = std::max<int64_t>(engine_us, res->engine_us());
+        rank_us_[2 * r] = res->worker_us(), rank_us_[2 * r + 1] = res->engine_us();
         if (r == 0) {
           absl::Status d = OutputFromProto(*res, config_.vocab_size, output);
           if (!d.ok()) failed.push_back(absl::StrCat(workers_[r]->Describe(), ": ", d.message()));
@@ -235,6 +246,9 @@ absl::Status RemoteEngine::Step(const StepInput& input, StepOutput* output) {
                                                     "; the worker group is stopped")));
   }
   if (!rejected.ok()) return rejected;
+  if (rank_observer_) {
+    for (int r = 0; r < n; ++r) rank_observer_(r, rank_us_[2 * r], rank_us_[2 * r + 1]);
+  }
   const int64_t wall_us =
       std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
   absl::MutexLock lock(&mu_);

@@ -53,6 +53,20 @@ struct RemoteEngineOptions {
   int32_t max_cpu_blocks = -1;
   absl::Duration step_timeout = absl::Seconds(60);
   absl::Duration collective_timeout = absl::Seconds(60);
+  // The workers' engine: "cpu" or "cuda" (worker.proto's Init says what the
+  // cuda fields mean; 0 / "" leave the engine defaults).
+  std::string device = "cpu";
+  std::string dtype;
+  double gpu_memory_utilization = 0.0;
+  int32_t max_num_seqs = 0;
+  int32_t max_num_tokens = 0;
+  bool enforce_eager = false;
+};
+
+// What one rank reported.
+struct RankMemory {
+  std::string device;  // "cpu", "cuda:0 NVIDIA H100 80GB HBM3"
+  int64_t total = 0, weights = 0, activations = 0, kv_cache = 0, swap = 0, free = 0;
 };
 
 // Per-step timing, microseconds.
@@ -88,6 +102,12 @@ class RemoteEngine final : public Engine {
   absl::Status health() const;
   RemoteStepTimings timings() const;  // totals since Connect
   RemoteStepTimings last_timings() const;
+  // Each rank's memory report from the handshake (index = rank).
+  const std::vector<RankMemory>& memory() const { return memory_; }
+  // Called on the engine thread after every successful step with each rank's
+  // times (microseconds): step message in -> reply out, and the forward pass.
+  using RankStepObserver = std::function<void(int rank, int64_t worker_us, int64_t engine_us)>;
+  void set_rank_step_observer(RankStepObserver observer) { rank_observer_ = std::move(observer); }
   // Sends Shutdown to every worker and closes the streams. Idempotent.
   void Shutdown(const std::string& reason);
 
@@ -105,6 +125,9 @@ class RemoteEngine final : public Engine {
   ModelConfig config_;
   EngineOptions engine_options_;
   int64_t kv_bytes_per_block_ = 0;
+  std::vector<RankMemory> memory_;
+  RankStepObserver rank_observer_;
+  std::vector<int64_t> rank_us_;  // this step: (worker_us, engine_us) per rank
   absl::Duration step_timeout_;
   int64_t next_step_id_ = 1;
   bool shut_down_ = false;

@@ -52,3 +52,14 @@ strata_cc_test(serving_tp_test
   LABELS serving tp)
 target_compile_definitions(serving_tp_test PRIVATE STRATA_WORKER_PATH="$<TARGET_FILE:strata-worker>")
 add_dependencies(serving_tp_test strata strata-worker)
+
+# `strata serve --device cuda` on a GPU machine (tools/gpu_session.sh runs it
+# there); skips without a GPU.
+strata_cc_test(serving_gpu_test
+  SRCS ${CMAKE_SOURCE_DIR}/tests/serving_gpu_test.cc
+  DEPS strata_serving_test_util strata_proto_v1_generation strata_test_data
+  LABELS serving gpu)
+target_compile_definitions(serving_gpu_test PRIVATE STRATA_WORKER_PATH="$<TARGET_FILE:strata-worker>")
+add_dependencies(serving_gpu_test strata strata-worker)
+target_compile_definitions(serving_process_test PRIVATE STRATA_WORKER_PATH="$<TARGET_FILE:strata-worker>")
+add_dependencies(serving_process_test strata-worker)

@@ -157,7 +157,14 @@ int main(int argc, char** argv) {
                   "strata-worker executable (default: next to strata, ../worker/, or $PATH)");
   srv->add_option("--worker-ready-timeout", e.worker_ready_timeout_s,
                   "Seconds to wait for the workers to load the model")->capture_default_str();
-  srv->add_option("--device", e.device, "cpu or cuda")->capture_default_str();
+  srv->add_option("--device", e.device, "cpu or cuda (cuda: --tp strata-worker processes, GPU r for rank r)")
+      ->capture_default_str();
+  srv->add_option("--load-format", e.load_format,
+                  "auto (checkpoint at --model) or dummy (--model names a shape: llama-2-7b, llama-2-13b, "
+                  "llama-3-8b, llama-2-70b, or a config.json; random weights)")->capture_default_str();
+  srv->add_option("--tokenizer", e.tokenizer_path, "Tokenizer directory (default: the model's; required with dummy)");
+  srv->add_option("--dtype", e.dtype, "--device cuda weights: auto (fp16), fp16, bf16")->capture_default_str();
+  srv->add_flag("--enforce-eager", e.enforce_eager, "--device cuda: no CUDA graphs");
   srv->add_option("--kv-cache-dtype", e.kv_cache_dtype,
                   "auto, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int8, int4")->capture_default_str();
   srv->add_option("--kv-scale-mode", e.kv_scale_mode, "none, static, dynamic (default per dtype)");

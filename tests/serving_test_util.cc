@@ -77,7 +77,11 @@ bool Next(grpc::CompletionQueue* cq) {
 
 }  // namespace
 
-std::string StrataCli() { return STRATA_CLI_PATH; }
+std::string StrataCli() {
+  // STRATA_CLI overrides the build tree's binary (a relocated bundle on a GPU machine).
+  const char* env = std::getenv("STRATA_CLI");
+  return env != nullptr && *env ? env : STRATA_CLI_PATH;
+}
 std::string StrataSourceDir() { return STRATA_SOURCE_ROOT; }
 
 std::string MakeTempDir() {

@@ -15,7 +15,8 @@
 
 namespace strata::testing {
 
-// Path of the built `strata` CLI (compile definition STRATA_CLI_PATH).
+// Path of the built `strata` CLI (compile definition STRATA_CLI_PATH; the
+// environment variable STRATA_CLI overrides it).
 std::string StrataCli();
 // The source tree (compile definition STRATA_SOURCE_ROOT).
 std::string StrataSourceDir();

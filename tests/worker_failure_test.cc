@@ -54,7 +54,7 @@ void StartGeneration(RemoteEngine* engine, Generation* g) {
   so.blocks.block_size = engine->options().block_size;
   so.blocks.bytes_per_block = engine->kv_bytes_per_block();
   LoopCallbacks cb;
-  cb.on_token = [g](RequestId r, int32_t) { g->tokens[r.value()]++; };
+  cb.on_token = [g](RequestId r, int32_t, const StepOutput::Sampled*) { g->tokens[r.value()]++; };
   cb.on_finish = [g](const FinishedSeq& f) { g->finished.insert(f.request_id.value()); };
   auto loop = EngineLoop::Create(engine, so, cb);
   ASSERT_TRUE(loop.ok()) << loop.status();

@@ -77,6 +77,10 @@ struct CollectivesOptions {
   // ("127.0.0.1" on one host; the pod IP across hosts).
   std::string gloo_hostname = "127.0.0.1";
   int cuda_device = 0;  // NCCL
+  // NCCL: enqueue on this cudaStream_t (borrowed; e.g. the engine's, so the
+  // collectives are ordered with its kernels and captured into its graphs)
+  // instead of a stream of the backend's own.
+  void* cuda_stream = nullptr;
 };
 
 // A single-rank group: every operation is a no-op (tp = 1).

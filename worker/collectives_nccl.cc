@@ -27,13 +27,18 @@ class NcclImpl final : public NcclCollectives {
       ncclCommAbort(comm_);
     }
     if (barrier_buf_ != nullptr) cudaFree(barrier_buf_);
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    if (stream_ != nullptr && owns_stream_) cudaStreamDestroy(stream_);
   }
 
   absl::Status Init(const CollectivesOptions& o, KvStore* store) {
     RETURN_IF_ERROR(CudaStatus(cudaSetDevice(o.cuda_device), "cudaSetDevice"));
-    RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
-                               "cudaStreamCreate"));
+    if (o.cuda_stream != nullptr) {
+      stream_ = static_cast<cudaStream_t>(o.cuda_stream);
+      owns_stream_ = false;
+    } else {
+      RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
+                                 "cudaStreamCreate"));
+    }
     const std::string key = o.key_prefix + "nccl_id";
     ncclUniqueId id;
     if (rank_ == 0) {
@@ -148,6 +153,7 @@ class NcclImpl final : public NcclCollectives {
   absl::Duration timeout_;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  bool owns_stream_ = true;
   float* barrier_buf_ = nullptr;
 };
 

@@ -27,7 +27,8 @@ namespace strata {
 class NcclCollectives : public Collectives {
  public:
   ~NcclCollectives() override = default;
-  // The stream collectives run on (created by Create on options.cuda_device).
+  // The stream collectives run on (options.cuda_stream, or one created by
+  // Create on options.cuda_device).
   virtual cudaStream_t stream() const = 0;
   // Waits until work enqueued so far has finished, polling for NCCL errors.
   virtual absl::Status Synchronize() = 0;

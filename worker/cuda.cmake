@@ -11,7 +11,13 @@ add_library(strata_cuda_engine STATIC
 target_include_directories(strata_cuda_engine PUBLIC ${STRATA_ENGINE_ROOT})
 target_link_libraries(strata_cuda_engine PUBLIC
   strata_engine strata_cuda_ops strata_kernels_cuda strata_kv_view_util strata_kernels_cpu
-  strata_model_io strata_sampling strata_block_manager CUDA::cudart CUDA::cublas)
+  strata_model_io strata_sampling strata_block_manager strata_shard strata_collectives
+  CUDA::cudart CUDA::cublas)
+# Sharded engines wait on NCCL with its deadline (worker/tp.cmake defines the target).
+if(NCCL_LIBRARY)
+  target_link_libraries(strata_cuda_engine PUBLIC strata_collectives_nccl)
+  target_compile_definitions(strata_cuda_engine PRIVATE STRATA_HAVE_NCCL=1)
+endif()
 
 # stories15M on the GPU against the golden tokens and logits; every KV dtype;
 # sampling, graphs, block moves, memory planning. Skips without a GPU.
@@ -23,3 +29,9 @@ strata_cc_test(gpu_golden_test
 # Decode step time at llama-2-7b shape next to the memory roofline.
 add_executable(gpu_decode_bench ${STRATA_ENGINE_ROOT}/bench/gpu_decode_bench.cc)
 target_link_libraries(gpu_decode_bench PRIVATE strata_cuda_engine CLI11::CLI11)
+
+# Tensor-parallel decode step time (one thread per GPU, NCCL).
+if(NCCL_LIBRARY)
+  add_executable(tp_decode_bench ${STRATA_ENGINE_ROOT}/bench/tp_decode_bench.cc)
+  target_link_libraries(tp_decode_bench PRIVATE strata_cuda_engine strata_collectives_nccl CLI11::CLI11)
+endif()

@@ -13,6 +13,9 @@
 #include "runtime/kv_capacity.h"
 #include "runtime/kv_format_util.h"
 #include "runtime/status_macros.h"
+#if STRATA_HAVE_NCCL
+#include "worker/collectives_nccl.h"
+#endif
 
 namespace strata {
 namespace {
@@ -42,8 +45,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(
   config.tie_word_embeddings = weights.lm_head.empty();
   RETURN_IF_ERROR(e->Init(config, options, std::move(quant_params)));
   RETURN_IF_ERROR(e->UploadWeights(weights));
-  RETURN_IF_ERROR(e->AllocateArenaAndCache());
-  return e;
+  return Finish(std::move(e));
 }
 
 absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::CreateDummy(
@@ -52,7 +54,15 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::CreateDummy(
   auto e = std::unique_ptr<CudaEngine>(new CudaEngine());
   RETURN_IF_ERROR(e->Init(config, options, std::move(quant_params)));
   RETURN_IF_ERROR(e->FillDummyWeights(seed));
-  RETURN_IF_ERROR(e->AllocateArenaAndCache());
+  return Finish(std::move(e));
+}
+
+absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Finish(std::unique_ptr<CudaEngine> e) {
+  RETURN_IF_ERROR(e->AllocateArena());
+  RETURN_IF_ERROR(e->PlanKv());
+  if (!e->options_.defer_kv_allocation) {
+    RETURN_IF_ERROR(e->AllocateKv(e->max_gpu_blocks_, e->options_.engine.num_cpu_blocks));
+  }
   return e;
 }
 
@@ -67,8 +77,21 @@ CudaEngine::~CudaEngine() {
 absl::Status CudaEngine::Init(const ModelConfig& config, const CudaEngineOptions& options,
                               std::optional<KvQuantParams> quant_params) {
   RETURN_IF_ERROR(ValidateModelConfig(config, "model config"));
+  full_config_ = config;
   config_ = config;
   options_ = options;
+  if (options.shard.world_size < 1 || options.shard.rank < 0 ||
+      options.shard.rank >= options.shard.world_size) {
+    return absl::InvalidArgumentError(absl::StrCat("rank ", options.shard.rank, " outside world size ",
+                                                   options.shard.world_size));
+  }
+  if (options.shard.sharded()) {
+    ASSIGN_OR_RETURN(const ShardDims dims, ComputeShardDims(config, options.shard));
+    config_.num_heads = dims.num_heads;
+    config_.num_kv_heads = dims.num_kv_heads;
+    config_.intermediate_size = dims.intermediate;
+    if (quant_params) quant_params = SliceKvQuantParams(*quant_params, dims);
+  }
   const EngineOptions& eo = options.engine;
   if (options.dtype != WeightDtype::kFp16 && options.dtype != WeightDtype::kBf16) {
     return absl::InvalidArgumentError("--dtype must be fp16 or bf16 for the CUDA engine");
@@ -107,8 +130,8 @@ absl::Status CudaEngine::Init(const ModelConfig& config, const CudaEngineOptions
       return absl::InvalidArgumentError(absl::StrCat("KV cache format ", KvFormatName(eo.kv_format),
                                                      " needs static scales: pass --kv-quant-params-path"));
     }
-    RETURN_IF_ERROR(CheckKvQuantParams(*quant_params, eo.kv_format, config.num_layers,
-                                       config.num_kv_heads, "--kv-quant-params-path"));
+    RETURN_IF_ERROR(CheckKvQuantParams(*quant_params, eo.kv_format, config_.num_layers,
+                                       config_.num_kv_heads, "--kv-quant-params-path"));
   }
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
   CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, options.device));
@@ -118,7 +141,7 @@ absl::Status CudaEngine::Init(const ModelConfig& config, const CudaEngineOptions
   max_blocks_per_seq_ = static_cast<int32_t>(
       (int64_t{config.max_position_embeddings} + eo.block_size - 1) / eo.block_size);
   if (quant_params) {
-    const int32_t L = config.num_layers, H = config.num_kv_heads;
+    const int32_t L = config_.num_layers, H = config_.num_kv_heads;
     std::vector<float> s(static_cast<size_t>(L) * 4 * H, 0.0f);
     const bool zero = KvDtypeIsInteger(eo.kv_format.dtype);
     for (int l = 0; l < L; ++l) {
@@ -251,7 +274,7 @@ absl::Status CudaEngine::FillDummyWeights(uint64_t seed) {
   return absl::OkStatus();
 }
 
-absl::Status CudaEngine::AllocateArenaAndCache() {
+absl::Status CudaEngine::AllocateArena() {
   const ModelConfig& c = config_;
   EngineOptions& eo = options_.engine;
   const int64_t d = c.hidden_size, q = c.q_size(), kv = c.kv_size(), f = c.intermediate_size;
@@ -321,7 +344,13 @@ absl::Status CudaEngine::AllocateArenaAndCache() {
   CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_cos_, cos.data(), cos.size() * 4, cudaMemcpyHostToDevice));
   CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_sin_, sin.data(), sin.size() * 4, cudaMemcpyHostToDevice));
 
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::PlanKv() {
   // KV pools: what is free now, times the utilization, in whole blocks.
+  const ModelConfig& c = config_;
+  const EngineOptions& eo = options_.engine;
   size_t free_b = 0, total_b = 0;
   CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_b, &total_b));
@@ -339,12 +368,30 @@ absl::Status CudaEngine::AllocateArenaAndCache() {
           "no KV block fits: ", free_b, " bytes free after weights (", memory_.weights,
           ") and activations (", memory_.arena, "), a block needs ", bpb));
     }
-    eo.num_gpu_blocks = plan.num_gpu_blocks;
+    max_gpu_blocks_ = plan.num_gpu_blocks;
   } else if (int64_t{eo.num_gpu_blocks} * bpb > static_cast<int64_t>(free_b)) {
     return absl::ResourceExhaustedError(absl::StrCat(
         eo.num_gpu_blocks, " KV blocks need ", int64_t{eo.num_gpu_blocks} * bpb, " bytes, only ",
         free_b, " are free after weights and activations"));
+  } else {
+    max_gpu_blocks_ = eo.num_gpu_blocks;
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::AllocateKv(int32_t num_gpu_blocks, int32_t num_cpu_blocks) {
+  const ModelConfig& c = config_;
+  EngineOptions& eo = options_.engine;
+  if (!views_.empty()) return absl::FailedPreconditionError("the KV pools are already allocated");
+  if (num_gpu_blocks < 1 || num_gpu_blocks > max_gpu_blocks_ || num_cpu_blocks < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("AllocateKv(", num_gpu_blocks, ", ", num_cpu_blocks,
+                                                   "): between 1 and ", max_gpu_blocks_,
+                                                   " device blocks fit, swap blocks >= 0"));
+  }
+  eo.num_gpu_blocks = num_gpu_blocks;
+  eo.num_cpu_blocks = num_cpu_blocks;
+  KvCacheView probe;
+  probe.layout = MakeKvBlockLayout(eo.kv_format, eo.block_size, c.num_kv_heads, c.head_dim);
   const int64_t layer_bytes = int64_t{probe.layout.block_bytes} * eo.num_gpu_blocks;
   RETURN_IF_ERROR(kv_pool_.Allocate(static_cast<size_t>(layer_bytes * c.num_layers)));
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(kv_pool_.get(), 0, kv_pool_.bytes(), stream_));
@@ -354,7 +401,6 @@ absl::Status CudaEngine::AllocateArenaAndCache() {
     RETURN_IF_ERROR(host_pool_.Allocate(static_cast<size_t>(host_layer * c.num_layers), DeviceBuffer::kHost));
     memory_.host_swap = host_layer * c.num_layers;
   }
-  views_.clear();
   const bool stat = eo.kv_format.scale_mode == KvScaleMode::kStatic;
   const bool zero = stat && KvDtypeIsInteger(eo.kv_format.dtype);
   for (int l = 0; l < c.num_layers; ++l) {
@@ -375,6 +421,7 @@ absl::Status CudaEngine::AllocateArenaAndCache() {
     views_.push_back(v);
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  size_t free_b = 0, total_b = 0;
   CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_b, &total_b));
   memory_.free_after_kv = static_cast<int64_t>(free_b);
   return absl::OkStatus();
@@ -479,6 +526,10 @@ absl::Status CudaEngine::ApplyBlockMoves(const StepInput& input) {
 }
 
 absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
+  if (views_.empty()) return absl::FailedPreconditionError("Step before AllocateKv");
+  if (options_.shard.sharded() && options_.collectives == nullptr) {
+    return absl::FailedPreconditionError("a sharded engine needs its collectives before the first step");
+  }
   RETURN_IF_ERROR(Validate(input));
   RETURN_IF_ERROR(ApplyBlockMoves(input));
   const ModelConfig& c = config_;
@@ -575,12 +626,20 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
   RETURN_IF_ERROR(Upload(p));
   prof_marks_.clear();
   RETURN_IF_ERROR(Mark(nullptr));
-  output->logits.resize(p.host_rows.size() * static_cast<size_t>(c.vocab_size));
   if (p.use_graph) {
     RETURN_IF_ERROR(RunDecodeGraph(p));
   } else {
     RETURN_IF_ERROR(Forward(p));
   }
+  if (!options_.compute_logits) {  // a rank other than 0: nothing to return
+    RETURN_IF_ERROR(SyncStream());
+    RETURN_IF_ERROR(CollectProfile());
+    output->logits.clear();
+    output->row_begin.assign(input.seqs.size() + 1, 0);
+    output->sampled.clear();
+    return absl::OkStatus();
+  }
+  output->logits.resize(p.host_rows.size() * static_cast<size_t>(c.vocab_size));
   // LM head in chunks of max_logit_rows (one chunk on the graph path, already
   // enqueued), returned rows copied out in contiguous runs.
   const int32_t Rm = options_.max_logit_rows;
@@ -608,9 +667,22 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
                                          real_samples * sizeof(cuda_ops::SampleOut),
                                          cudaMemcpyDeviceToHost, stream_));
   }
-  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  RETURN_IF_ERROR(SyncStream());
   RETURN_IF_ERROR(CollectProfile());
   return Collect(p, input, output);
+}
+
+absl::Status CudaEngine::SyncStream() {
+  // Sharded over NCCL on this stream: wait with the collectives' deadline and
+  // error polling, so a dead peer fails the step instead of hanging it.
+#if STRATA_HAVE_NCCL
+  if (options_.shard.sharded()) {
+    auto* nccl = dynamic_cast<NcclCollectives*>(options_.collectives);
+    if (nccl != nullptr && nccl->stream() == stream_) return nccl->Synchronize();
+  }
+#endif
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
 }
 
 absl::Status CudaEngine::Mark(const char* stage) {

@@ -20,6 +20,20 @@
 // gpu_memory_utilization / bytes of one block across all layers). Every
 // CUDA/cuBLAS call is checked; errors come back as absl::Status.
 //
+// Tensor parallelism: with a shard of world_size > 1 the engine is one rank of
+// a sharded model (worker/shard.h): it holds its query/kv heads and MLP
+// columns, and after the row-parallel o_proj and down projections the
+// residual stream is summed over the ranks in place (rank 0 adds its partial
+// to the residual, the other ranks start from zero) with
+// Collectives::AllReduceSum on the engine's stream, so the all-reduces are
+// captured into the decode CUDA graphs with the kernels. Only ranks with
+// compute_logits run the LM head and sampling.
+//
+// Two-phase creation (workers): with defer_kv_allocation the engine uploads
+// weights and carves its arena, reports how many KV blocks would fit
+// (max_gpu_blocks()), and allocates the pools later with AllocateKv(), once
+// the scheduler has taken the minimum over the ranks.
+//
 // Threading: one engine is driven by one thread (the worker's engine thread);
 // all device work is on the engine's own stream.
 #pragma once
@@ -38,8 +52,10 @@
 #include "kernels/kv_cache_view.h"
 #include "runtime/kv_quant_params.h"
 #include "runtime/weights.h"
+#include "worker/collectives.h"
 #include "worker/cuda_util.h"
 #include "worker/engine.h"
+#include "worker/shard.h"
 
 namespace strata {
 
@@ -60,6 +76,13 @@ struct CudaEngineOptions {
   // instead of cuBLAS + element-wise kernels.
   bool fused_small_batch = true;
   int device = 0;
+  // Tensor parallelism (see above). `collectives` (not owned) must be set
+  // before the first step of a sharded engine: here or with set_collectives().
+  ShardSpec shard;
+  Collectives* collectives = nullptr;
+  bool compute_logits = true;  // the LM head and sampling; off on ranks other than 0
+  // Create() stops before the KV pools: see AllocateKv().
+  bool defer_kv_allocation = false;
 };
 
 // Where the device memory went (bytes), measured at creation.
@@ -76,8 +99,10 @@ struct CudaMemoryReport {
 
 class CudaEngine final : public Engine {
  public:
-  // Real weights (host fp32, converted on upload). `quant_params` is required
-  // for static scale modes and ignored otherwise.
+  // Real weights (host fp32, converted on upload; the shard's weights when
+  // sharded: SliceWeights / LoadShardWeights). `quant_params` is required for
+  // static scale modes and ignored otherwise; it covers the whole model (a
+  // sharded engine keeps its kv heads).
   static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(
       const ModelWeights& weights, const CudaEngineOptions& options,
       std::optional<KvQuantParams> quant_params = std::nullopt);
@@ -87,12 +112,20 @@ class CudaEngine final : public Engine {
       std::optional<KvQuantParams> quant_params = std::nullopt);
   ~CudaEngine() override;
 
-  const ModelConfig& config() const override { return config_; }
+  // The whole model's configuration (shard_config() is this rank's part).
+  const ModelConfig& config() const override { return full_config_; }
+  const ModelConfig& shard_config() const { return config_; }
   const EngineOptions& options() const override { return options_.engine; }
   absl::Status Step(const StepInput& input, StepOutput* output) override;
   bool SupportsSampling() const override { return true; }
 
   const CudaEngineOptions& cuda_options() const { return options_; }
+  // Deferred creation: the KV blocks that fit
+  // gpu_memory_utilization x the free memory after weights and arena (or
+  // options.engine.num_gpu_blocks when set), then the pools' allocation.
+  int32_t max_gpu_blocks() const { return max_gpu_blocks_; }
+  absl::Status AllocateKv(int32_t num_gpu_blocks, int32_t num_cpu_blocks);
+  void set_collectives(Collectives* collectives) { options_.collectives = collectives; }
   const CudaMemoryReport& memory() const { return memory_; }
   cudaStream_t stream() const { return stream_; }
   // One layer's device pool (tests and accuracy tools copy it back).
@@ -105,7 +138,8 @@ class CudaEngine final : public Engine {
   // (benchmarks: never time on zeros).
   absl::Status FillKvCacheRandom(uint64_t seed, float range = 3.0f);
   // Stage timing for benchmarks: while on, steps run eagerly with CUDA events
-  // between the stages of the forward pass. StageProfile() gives the mean
+  // between the stages of the forward pass (sharded engines: "all_reduce" is
+  // the collectives' share). StageProfile() gives the mean
   // milliseconds per step of each stage since the last reset.
   void set_profile_stages(bool on) { profile_ = on; }
   std::vector<std::pair<std::string, double>> StageProfile() const;
@@ -162,7 +196,13 @@ class CudaEngine final : public Engine {
   absl::Status AllocateWeights();
   absl::Status UploadWeights(const ModelWeights& w);
   absl::Status FillDummyWeights(uint64_t seed);
-  absl::Status AllocateArenaAndCache();
+  absl::Status AllocateArena();
+  absl::Status PlanKv();
+  // Row-parallel output: rank 0 adds its partial to the residual, the others
+  // start from zero (ZeroForPartial before the projection, AllReduce after).
+  absl::Status ZeroForPartial(int64_t tokens);
+  absl::Status AllReduceResidual(int64_t tokens);
+  static absl::StatusOr<std::unique_ptr<CudaEngine>> Finish(std::unique_ptr<CudaEngine> e);
   absl::Status Validate(const StepInput& input) const;
   absl::Status ApplyBlockMoves(const StepInput& input);
   absl::Status Upload(const Plan& plan);
@@ -176,10 +216,13 @@ class CudaEngine final : public Engine {
   absl::Status RunDecodeGraph(const Plan& plan);
   absl::Status Collect(const Plan& plan, const StepInput& input, StepOutput* output);
   absl::Status Mark(const char* stage);  // profiling: `stage` ends here
+  absl::Status SyncStream();
   absl::Status CollectProfile();
 
-  ModelConfig config_;
+  ModelConfig full_config_;  // the whole model
+  ModelConfig config_;       // this rank's shard (== full_config_ unsharded)
   CudaEngineOptions options_;
+  int32_t max_gpu_blocks_ = 0;
   CudaMemoryReport memory_;
   cuda_ops::ActDtype act_ = cuda_ops::ActDtype::kFp16;
   cudaStream_t stream_ = nullptr;

@@ -106,26 +106,47 @@ absl::Status CudaEngine::Forward(const Plan& p) {
       CUDA_RETURN_IF_ERROR(cuda::PagedPrefillAttention(a, p.max_new_tokens, stream_));
     }
     RETURN_IF_ERROR(Mark("attention"));
+    // Row-parallel projections accumulate into the residual x_; sharded, the
+    // partials are summed over the ranks (rank 0's includes the residual).
     if (small) {
+      RETURN_IF_ERROR(ZeroForPartial(T));
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kF32AddF32, lw.wo, d, q, attn_, nullptr, x_));
       RETURN_IF_ERROR(Mark("o_proj"));
+      RETURN_IF_ERROR(AllReduceResidual(T));
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kNormSiluMul, lw.wgu, f, d, x_, lw.mlp_norm, act_buf_));
       RETURN_IF_ERROR(Mark("mlp_norm+gate_up"));
+      RETURN_IF_ERROR(ZeroForPartial(T));
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kActAddF32, lw.wdown, d, f, act_buf_, nullptr, x_));
       RETURN_IF_ERROR(Mark("silu+down"));
+      RETURN_IF_ERROR(AllReduceResidual(T));
       continue;
     }
+    const bool residual = options_.shard.rank == 0;  // other ranks' partials start from zero
     CUDA_RETURN_IF_ERROR(cuda_ops::ConvertF32(attn_, int64_t{T} * q, attn_t_, act_, stream_));
-    RETURN_IF_ERROR(Gemm(attn_t_, lw.wo, x_, true, T, d, q, /*accumulate=*/true));
+    RETURN_IF_ERROR(Gemm(attn_t_, lw.wo, x_, true, T, d, q, /*accumulate=*/residual));
     RETURN_IF_ERROR(Mark("o_proj"));
+    RETURN_IF_ERROR(AllReduceResidual(T));
     CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.mlp_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
     RETURN_IF_ERROR(Gemm(h_, lw.wgu, gu_, false, T, 2 * f, d, false));
     RETURN_IF_ERROR(Mark("mlp_norm+gate_up"));
     CUDA_RETURN_IF_ERROR(cuda_ops::SiluMul(gu_, T, f, act_buf_, act_, stream_));
-    RETURN_IF_ERROR(Gemm(act_buf_, lw.wdown, x_, true, T, d, f, /*accumulate=*/true));
+    RETURN_IF_ERROR(Gemm(act_buf_, lw.wdown, x_, true, T, d, f, /*accumulate=*/residual));
     RETURN_IF_ERROR(Mark("silu+down"));
+    RETURN_IF_ERROR(AllReduceResidual(T));
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaEngine::ZeroForPartial(int64_t tokens) {
+  if (!options_.shard.sharded() || options_.shard.rank == 0) return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(x_, 0, tokens * config_.hidden_size * sizeof(float), stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::AllReduceResidual(int64_t tokens) {
+  if (!options_.shard.sharded()) return absl::OkStatus();
+  RETURN_IF_ERROR(options_.collectives->AllReduceSum(x_, tokens * config_.hidden_size));
+  return Mark("all_reduce");
 }
 
 absl::Status CudaEngine::LogitsChunk(const Plan& p, int32_t row0, int32_t rows, int32_t sample0,
@@ -164,7 +185,7 @@ absl::Status CudaEngine::RunDecodeGraph(const Plan& p) {
   if (it == graphs_.end()) {
     CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     absl::Status st = Forward(p);
-    if (st.ok()) st = LogitsChunk(p, 0, p.padded_seqs, 0, p.padded_seqs);
+    if (st.ok() && options_.compute_logits) st = LogitsChunk(p, 0, p.padded_seqs, 0, p.padded_seqs);
     cudaGraph_t graph = nullptr;
     const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
     if (!st.ok()) {

@@ -33,6 +33,12 @@ target_include_directories(strata_worker_rpc PUBLIC ${STRATA_TP_ROOT})
 target_link_libraries(strata_worker_rpc PUBLIC strata_cpu_engine strata_collectives strata_proto_worker
                       strata_sampling strata_block_manager spdlog::spdlog gRPC::grpc++)
 
+# With CUDA, workers run the GPU engine when the scheduler asks for --device cuda.
+if(STRATA_HAVE_CUDA AND NCCL_LIBRARY)
+  target_link_libraries(strata_worker_rpc PUBLIC strata_cuda_engine strata_collectives_nccl)
+  target_compile_definitions(strata_worker_rpc PRIVATE STRATA_HAVE_CUDA=1)
+endif()
+
 add_executable(strata-worker ${STRATA_TP_WORKER_DIR}/worker_main.cc)
 target_link_libraries(strata-worker PRIVATE strata_worker_rpc CLI11::CLI11 spdlog::spdlog)
 

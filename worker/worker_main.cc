@@ -2,6 +2,7 @@
 //
 //   strata-worker --rank 0 --world-size 2 --scheduler 127.0.0.1:50051
 //                 --secret-file /run/strata/secret [--kv-cache-memory 2GiB]
+//                 [--cuda-device N]
 //
 // The worker dials the scheduler's control plane, registers, and takes its
 // model and KV format from the scheduler (see worker/worker_service.h); the
@@ -61,6 +62,8 @@ int Main(int argc, char** argv) {
   app.add_option("--num-swap-blocks", o.num_swap_blocks, "swap block count (instead of --swap-space)")->check(CLI::NonNegativeNumber);
   app.add_option("--threads", threads, "CPU threads for the engine (0: OpenMP default)")->check(CLI::NonNegativeNumber);
   app.add_option("--gloo-host", o.gloo_hostname, "address other ranks reach this rank's Gloo endpoint on");
+  app.add_option("--cuda-device", o.cuda_device, "GPU of this rank when the scheduler asks for --device cuda (default: the rank)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--connect-timeout", connect_timeout_s, "seconds to wait for the scheduler")->check(CLI::PositiveNumber);
   try {
     app.parse(argc, argv);

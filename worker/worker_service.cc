@@ -22,6 +22,12 @@
 #include "worker/collectives_grpc_store.h"
 #include "worker/cpu_engine.h"
 #include "worker/shard.h"
+#if STRATA_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "worker/collectives_nccl.h"
+#include "worker/cuda_engine.h"
+#endif
 
 namespace strata {
 
@@ -239,12 +245,6 @@ int64_t MemAvailableBytes() {
   return -1;
 }
 
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 int64_t MicrosSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
@@ -299,9 +299,11 @@ class WorkerSession::Impl {
           StatusToProto(HandleInit(msg.init(), r), r->mutable_status());
           break;
         }
-        case v1::SchedulerMessage::kAllocate:
-          StatusToProto(HandleAllocate(msg.allocate()), reply.mutable_allocated()->mutable_status());
+        case v1::SchedulerMessage::kAllocate: {
+          v1::Allocated* a = reply.mutable_allocated();
+          StatusToProto(HandleAllocate(msg.allocate(), a->mutable_memory()), a->mutable_status());
           break;
+        }
         case v1::SchedulerMessage::kStep: {
           v1::StepResult* r = reply.mutable_step_result();
           r->set_step_id(msg.step().step_id());
@@ -338,7 +340,7 @@ class WorkerSession::Impl {
 
  private:
   absl::Status HandleInit(const v1::Init& init, v1::Ready* ready) {
-    if (engine_ != nullptr) return absl::FailedPreconditionError("Init after Allocate");
+    if (engine_ != nullptr || weights_.has_value()) return absl::FailedPreconditionError("Init twice");
     if (init.kv_dtype() < 0 || init.kv_dtype() > 6 || init.kv_scale_mode() < 0 || init.kv_scale_mode() > 2) {
       return absl::InvalidArgumentError("unknown KV cache format");
     }
@@ -348,6 +350,14 @@ class WorkerSession::Impl {
     collective_timeout_ = absl::Milliseconds(init.collective_timeout_ms() > 0 ? init.collective_timeout_ms() : 60000);
     const ShardSpec spec{o_.rank, o_.world_size};
     const auto t0 = std::chrono::steady_clock::now();
+    device_ = init.device().empty() ? "cpu" : init.device();
+    if (device_ != "cpu" && device_ != "cuda") {
+      return absl::InvalidArgumentError(absl::StrCat("unknown device '", device_, "' (cpu or cuda)"));
+    }
+    if (!init.kv_quant_params_path().empty()) {
+      ASSIGN_OR_RETURN(quant_params_, LoadKvQuantParams(init.kv_quant_params_path()));
+    }
+    if (device_ == "cuda") return InitCuda(init, spec, t0, ready);
     if (init.load_format() == "dummy") {
       ASSIGN_OR_RETURN(ModelConfig c, NamedModelShape(init.dummy_shape()));
       ASSIGN_OR_RETURN(weights_, SliceWeights(RandomWeights(c, init.dummy_seed()), spec));
@@ -357,9 +367,6 @@ class WorkerSession::Impl {
       return absl::InvalidArgumentError(absl::StrCat("unknown load format '", init.load_format(), "'"));
     }
     const ModelConfig& c = weights_->config;
-    if (!init.kv_quant_params_path().empty()) {
-      ASSIGN_OR_RETURN(quant_params_, LoadKvQuantParams(init.kv_quant_params_path()));
-    }
     ASSIGN_OR_RETURN(const ShardDims dims, ComputeShardDims(c, spec));
     const KvCacheShape shape{format_, block_size_, dims.num_kv_heads, c.head_dim, c.num_layers};
     RETURN_IF_ERROR(ValidateKvCacheShape(shape));
@@ -380,13 +387,7 @@ class WorkerSession::Impl {
     if (max_gpu_blocks_ < 1) {
       return absl::ResourceExhaustedError(absl::StrCat("the KV budget holds no block of ", per_block, " bytes"));
     }
-    if (o_.num_swap_blocks >= 0) {
-      max_cpu_blocks_ = o_.num_swap_blocks;
-    } else {
-      ASSIGN_OR_RETURN(const int64_t bytes, SwapSpaceBytes(o_.swap_space_gib));
-      ASSIGN_OR_RETURN(const int64_t blocks, PlanKvPool(bytes, shape));
-      max_cpu_blocks_ = static_cast<int32_t>(std::min<int64_t>(blocks, INT32_MAX));
-    }
+    RETURN_IF_ERROR(ComputeSwapBlocks(shape));
     ConfigToProto(c, ready->mutable_config());
     ready->set_kv_bytes_per_block(per_block);
     ready->set_max_gpu_blocks(max_gpu_blocks_);
@@ -401,8 +402,130 @@ class WorkerSession::Impl {
     return absl::OkStatus();
   }
 
-  absl::Status HandleAllocate(const v1::Allocate& a) {
-    if (!weights_.has_value() || engine_ != nullptr) {
+#if STRATA_HAVE_CUDA
+  // Init for --device cuda: the shard's weights go to the GPU now (the host
+  // copy is dropped), the arena is carved, and what fits of the rest becomes
+  // max_gpu_blocks; the pools are allocated on Allocate.
+  absl::Status InitCuda(const v1::Init& init, const ShardSpec& spec,
+                        std::chrono::steady_clock::time_point t0, v1::Ready* ready) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
+      return absl::FailedPreconditionError("--device cuda: no CUDA device is visible to this worker");
+    }
+    const int dev = o_.cuda_device >= 0 ? o_.cuda_device : o_.rank % count;
+    if (dev >= count) {
+      return absl::InvalidArgumentError(absl::StrCat("--cuda-device ", dev, ": only ", count, " device(s) visible"));
+    }
+    CudaEngineOptions co;
+    co.engine.kv_format = format_;
+    co.engine.block_size = block_size_;
+    co.engine.num_gpu_blocks = o_.num_kv_blocks > 0 ? o_.num_kv_blocks : 0;
+    co.device = dev;
+    if (init.dtype() == "bf16") {
+      co.dtype = WeightDtype::kBf16;
+    } else if (init.dtype().empty() || init.dtype() == "fp16" || init.dtype() == "auto") {
+      co.dtype = WeightDtype::kFp16;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("--dtype '", init.dtype(), "': the CUDA engine runs fp16 or bf16"));
+    }
+    if (init.gpu_memory_utilization() > 0) co.gpu_memory_utilization = init.gpu_memory_utilization();
+    if (init.max_num_seqs() > 0) {
+      co.max_num_seqs = init.max_num_seqs();
+      co.max_logit_rows = std::max(co.max_logit_rows, init.max_num_seqs());
+    }
+    if (init.max_num_tokens() > 0) co.max_num_tokens = init.max_num_tokens();
+    co.max_num_tokens = std::max(co.max_num_tokens, co.max_num_seqs);
+    if (init.enforce_eager()) co.graph_batch_sizes.clear();
+    co.shard = spec;
+    co.compute_logits = o_.rank == 0;
+    co.defer_kv_allocation = true;
+    std::unique_ptr<CudaEngine> e;
+    if (init.load_format() == "dummy") {
+      ASSIGN_OR_RETURN(ModelConfig c, NamedModelShape(init.dummy_shape()));
+      ASSIGN_OR_RETURN(e, CudaEngine::CreateDummy(c, co, init.dummy_seed() + 1, quant_params_));
+    } else if (init.load_format() == "auto" || init.load_format().empty()) {
+      ASSIGN_OR_RETURN(ModelWeights w, LoadShardWeights(init.model_path(), spec));
+      ASSIGN_OR_RETURN(e, CudaEngine::Create(w, co, quant_params_));
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown load format '", init.load_format(), "'"));
+    }
+    const ModelConfig& c = e->config();
+    const CudaMemoryReport& m = e->memory();
+    max_gpu_blocks_ = e->max_gpu_blocks();
+    const KvCacheShape shape{format_, block_size_, e->shard_config().num_kv_heads, c.head_dim, c.num_layers};
+    RETURN_IF_ERROR(ComputeSwapBlocks(shape));
+    ConfigToProto(c, ready->mutable_config());
+    ready->set_kv_bytes_per_block(e->kv_bytes_per_block());
+    ready->set_max_gpu_blocks(max_gpu_blocks_);
+    ready->set_max_cpu_blocks(max_cpu_blocks_);
+    ready->set_weight_bytes(m.weights);
+    ready->set_shard_num_heads(e->shard_config().num_heads);
+    ready->set_shard_num_kv_heads(e->shard_config().num_kv_heads);
+    cudaDeviceProp prop{};
+    (void)cudaGetDeviceProperties(&prop, dev);
+    device_name_ = absl::StrCat("cuda:", dev, " ", prop.name);
+    spdlog::info("rank {}/{} on {}: weights {:.1f} MiB, arena {:.1f} MiB, {:.1f} GiB free -> {} KV blocks "
+                 "of {} bytes fit; {} swap blocks; ready in {} ms",
+                 o_.rank, o_.world_size, device_name_, m.weights / 1048576.0, m.arena / 1048576.0,
+                 m.free_before_kv / 1073741824.0, max_gpu_blocks_, e->kv_bytes_per_block(), max_cpu_blocks_,
+                 MicrosSince(t0) / 1000);
+    cuda_ = e.get();
+    engine_ = std::move(e);
+    return absl::OkStatus();
+  }
+
+  absl::Status AllocateCuda(const v1::Allocate& a, v1::MemoryReport* mem) {
+    if (o_.world_size > 1) {
+      store_ = std::make_unique<GrpcKvStore>(channel_, o_.secret);
+      CollectivesOptions co;
+      co.rank = o_.rank;
+      co.world_size = o_.world_size;
+      co.key_prefix = rendezvous_prefix_;
+      co.timeout = collective_timeout_;
+      co.cuda_device = cuda_->cuda_options().device;
+      co.cuda_stream = cuda_->stream();
+      ASSIGN_OR_RETURN(collectives_, CreateNcclCollectives(co, store_.get()));
+      cuda_->set_collectives(collectives_.get());
+    }
+    RETURN_IF_ERROR(cuda_->AllocateKv(a.num_gpu_blocks(), a.num_cpu_blocks()));
+    const CudaMemoryReport& m = cuda_->memory();
+    mem->set_device(device_name_);
+    mem->set_total(m.total);
+    mem->set_weights(m.weights);
+    mem->set_activations(m.arena);
+    mem->set_kv_cache(m.kv);
+    mem->set_swap(m.host_swap);
+    mem->set_free(m.free_after_kv);
+    allocated_ = true;
+    spdlog::info("rank {}/{}: {} KV blocks ({:.2f} GiB) + {} swap blocks allocated on {}; {:.2f} GiB free",
+                 o_.rank, o_.world_size, a.num_gpu_blocks(), m.kv / 1073741824.0, a.num_cpu_blocks(),
+                 device_name_, m.free_after_kv / 1073741824.0);
+    return absl::OkStatus();
+  }
+#else
+  absl::Status InitCuda(const v1::Init&, const ShardSpec&, std::chrono::steady_clock::time_point,
+                        v1::Ready*) {
+    return absl::UnimplementedError("--device cuda: this strata-worker was built without CUDA");
+  }
+  absl::Status AllocateCuda(const v1::Allocate&, v1::MemoryReport*) {
+    return absl::UnimplementedError("--device cuda: this strata-worker was built without CUDA");
+  }
+#endif
+
+  absl::Status ComputeSwapBlocks(const KvCacheShape& shape) {
+    if (o_.num_swap_blocks >= 0) {
+      max_cpu_blocks_ = o_.num_swap_blocks;
+    } else {
+      ASSIGN_OR_RETURN(const int64_t bytes, SwapSpaceBytes(o_.swap_space_gib));
+      ASSIGN_OR_RETURN(const int64_t blocks, PlanKvPool(bytes, shape));
+      max_cpu_blocks_ = static_cast<int32_t>(std::min<int64_t>(blocks, INT32_MAX));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status HandleAllocate(const v1::Allocate& a, v1::MemoryReport* mem) {
+    const bool initialized = device_ == "cuda" ? engine_ != nullptr && !allocated_ : weights_.has_value() && engine_ == nullptr;
+    if (!initialized) {
       return absl::FailedPreconditionError("Allocate must follow one successful Init");
     }
     if (a.num_gpu_blocks() < 1 || a.num_gpu_blocks() > max_gpu_blocks_ || a.num_cpu_blocks() < 0 ||
@@ -411,6 +534,7 @@ class WorkerSession::Impl {
                                                      " blocks exceeds this rank's ", max_gpu_blocks_, "/",
                                                      max_cpu_blocks_));
     }
+    if (device_ == "cuda") return AllocateCuda(a, mem);
     if (o_.world_size > 1) {
       store_ = std::make_unique<GrpcKvStore>(channel_, o_.secret);
       CollectivesOptions co;
@@ -432,15 +556,28 @@ class WorkerSession::Impl {
     so.compute_logits = o_.rank == 0;
     ModelWeights w = std::move(*weights_);
     weights_.reset();
-    ASSIGN_OR_RETURN(engine_, CpuEngine::Create(std::move(w), eo, quant_params_, so));
+    ASSIGN_OR_RETURN(std::unique_ptr<CpuEngine> cpu, CpuEngine::Create(std::move(w), eo, quant_params_, so));
+    const int64_t per_layer_block = cpu->kv_bytes_per_block();
+    engine_ = std::move(cpu);
+    allocated_ = true;
+    mem->set_device("cpu");
+    mem->set_kv_cache(per_layer_block * eo.num_gpu_blocks);
+    mem->set_swap(per_layer_block * eo.num_cpu_blocks);
     spdlog::info("rank {}/{}: {} KV blocks + {} swap blocks allocated", o_.rank, o_.world_size,
                  eo.num_gpu_blocks, eo.num_cpu_blocks);
     return absl::OkStatus();
   }
 
   absl::Status HandleStep(const v1::Step& p, v1::StepResult* r) {
-    if (engine_ == nullptr) return absl::FailedPreconditionError("Step before Allocate");
+    if (!allocated_) return absl::FailedPreconditionError("Step before Allocate");
     RETURN_IF_ERROR(StepFromProto(p, &in_));
+    if (engine_->SupportsSampling()) {  // samples on the device: only tokens come back
+      const auto t0 = std::chrono::steady_clock::now();
+      RETURN_IF_ERROR(engine_->Step(in_, &out_));
+      r->set_engine_us(MicrosSince(t0));
+      if (o_.rank == 0) OutputToProto(out_, r);
+      return absl::OkStatus();
+    }
     // Sampling needs the last row even when the caller wants no logits back.
     bool filtered = false;
     wanted_.resize(in_.seqs.size());
@@ -467,7 +604,7 @@ class WorkerSession::Impl {
         SamplingParams sp = s.sampling;
         // Keyed by (seed, position of the sampled row): independent of the batch.
         const uint64_t pos = static_cast<uint64_t>(s.start_pos) + s.tokens.size() - 1;
-        sp.seed = SplitMix64(s.sampling.seed ^ SplitMix64(pos));
+        sp.seed = SeedForPosition(s.sampling.seed, pos);
         Sampler sampler(sp);
         StepOutput::Sampled& o = out_.sampled[i];
         o.token = sampler.Sample(row, vocab);
@@ -510,7 +647,13 @@ class WorkerSession::Impl {
   // After Allocate.
   std::unique_ptr<GrpcKvStore> store_;
   std::unique_ptr<Collectives> collectives_;
-  std::unique_ptr<CpuEngine> engine_;
+  std::unique_ptr<Engine> engine_;  // CPU: created on Allocate; CUDA: on Init
+  bool allocated_ = false;
+  std::string device_ = "cpu";
+  std::string device_name_;
+#if STRATA_HAVE_CUDA
+  CudaEngine* cuda_ = nullptr;  // engine_, when --device cuda
+#endif
   // Reused across steps.
   StepInput in_;
   StepOutput out_;

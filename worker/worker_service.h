@@ -5,9 +5,11 @@
 // scheduler, opens the WorkerControl.Connect stream with the shared secret,
 // says Hello, and then answers the scheduler's messages in order on one
 // thread:
-//   Init      load this rank's shard, measure the KV budget -> Ready
+//   Init      load this rank's shard (CPU engine: host memory; CUDA engine:
+//             uploaded to its GPU), measure the KV budget -> Ready
 //   Allocate  allocate the KV pools (the minimum over ranks), join the
-//             collectives through the Rendezvous service -> Allocated
+//             collectives (Gloo on CPU, NCCL on GPU) through the Rendezvous
+//             service -> Allocated (with a memory report)
 //   Step      apply swap/copy, run the forward pass in lockstep with the
 //             other ranks, sample (rank 0) -> StepResult
 //   Shutdown  (or the stream ending) -> exit
@@ -77,6 +79,9 @@ struct WorkerOptions {
   double swap_space_gib = 0.0;
   std::string gloo_hostname = "127.0.0.1";
   absl::Duration connect_timeout = absl::Seconds(30);
+  // --device cuda (chosen by the scheduler's Init): the GPU of this rank;
+  // -1 = rank modulo the visible devices (GPU i for rank i).
+  int cuda_device = -1;
 };
 inline constexpr int64_t kDefaultKvCacheMemory = int64_t{1} << 30;
 

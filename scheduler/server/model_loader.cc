@@ -49,10 +49,21 @@ absl::Status ValidateEngineConfig(const EngineConfig& c) {
     return absl::InvalidArgumentError(
         absl::StrCat("--device must be cpu or cuda, got \"", c.device, "\""));
   }
-  if (c.device == "cuda") {
-    return absl::UnimplementedError(
-        "--device cuda: strata-worker runs the CPU engine only so far, and `strata serve` drives "
-        "GPUs only through workers; use --device cpu (--tp N for N CPU worker processes)");
+  if (c.load_format != "auto" && c.load_format != "dummy") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--load-format must be auto or dummy, got \"", c.load_format, "\""));
+  }
+  if (c.load_format == "dummy" && c.tokenizer_path.empty()) {
+    return absl::InvalidArgumentError(
+        "--load-format dummy needs --tokenizer DIR (a model directory whose tokenizer matches the "
+        "shape's vocabulary, e.g. stories15M for the llama-2 shapes)");
+  }
+  if (c.dtype != "auto" && c.dtype != "fp16" && c.dtype != "bf16") {
+    return absl::InvalidArgumentError(absl::StrCat("--dtype must be auto, fp16 or bf16, got \"", c.dtype, "\""));
+  }
+  if (c.max_num_batched_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-num-batched-tokens must be >= 0, got ", c.max_num_batched_tokens));
   }
   if (!(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("--gpu-memory-utilization must be in (0, 1], got ",
@@ -101,24 +112,45 @@ std::string FindWorkerBinary(const std::string& flag) {
 
 // N strata-worker processes behind a RemoteEngine.
 absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedModel* out) {
+  const bool dummy = c.load_format == "dummy";
+  const bool cuda = c.device == "cuda";
   const fs::path config_path = fs::path(c.model_path) / "config.json";
   std::optional<ModelConfig> config;
-  if (fs::exists(config_path)) {
+  if (dummy) {
+    ASSIGN_OR_RETURN(config, NamedModelShape(c.model_path));
+  } else if (fs::exists(config_path)) {
     ASSIGN_OR_RETURN(config, LoadHfConfig(config_path.string()));
   }
   WorkerPoolOptions wo;
   wo.worker_binary = FindWorkerBinary(c.worker_binary);
   RemoteEngineOptions& e = wo.engine;
   e.world_size = c.tp;
-  e.model_path = c.model_path;
-  ASSIGN_OR_RETURN(e.kv_format, ParseKvFormat(c.kv_cache_dtype, c.kv_scale_mode,
-                                              config ? config->torch_dtype : WeightDtype::kFp32));
+  if (dummy) {
+    e.load_format = "dummy";
+    e.dummy_shape = c.model_path;
+  } else {
+    e.model_path = c.model_path;
+  }
+  e.device = c.device;
+  e.dtype = c.dtype == "auto" ? "" : c.dtype;
+  e.gpu_memory_utilization = c.gpu_memory_utilization;
+  e.max_num_seqs = c.max_num_seqs;
+  e.max_num_tokens = c.max_num_batched_tokens;
+  e.enforce_eager = c.enforce_eager;
+  // The cache format's "auto" follows the weights the engine computes with:
+  // fp16/bf16 on the GPU, the checkpoint's dtype on the CPU.
+  const WeightDtype model_dtype = cuda ? (c.dtype == "bf16" ? WeightDtype::kBf16 : WeightDtype::kFp16)
+                                  : config ? config->torch_dtype
+                                           : WeightDtype::kFp32;
+  ASSIGN_OR_RETURN(e.kv_format, ParseKvFormat(c.kv_cache_dtype, c.kv_scale_mode, model_dtype));
   e.block_size = c.block_size;
   e.kv_quant_params_path = c.kv_quant_params_path;
   const int32_t context = c.max_model_len > 0   ? c.max_model_len
                           : config.has_value() ? config->max_position_embeddings
                                                : 4096;
-  if (c.kv_cache_memory_gib > 0.0) {
+  if (cuda) {
+    // Each worker sizes its pool from its GPU's free memory.
+  } else if (c.kv_cache_memory_gib > 0.0) {
     wo.kv_cache_memory_bytes = static_cast<int64_t>(c.kv_cache_memory_gib * (int64_t{1} << 30));
   } else {
     wo.kv_cache_memory_bytes = static_cast<int64_t>(
@@ -127,7 +159,7 @@ absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedM
   }
   wo.swap_space_gib = c.swap_space_gib;
   progress->Phase("workers");
-  spdlog::info("starting {} worker process(es): {}", c.tp, wo.worker_binary);
+  spdlog::info("starting {} {} worker process(es): {}", c.tp, c.device, wo.worker_binary);
   ASSIGN_OR_RETURN(out->pool, WorkerPool::Start(wo));
   absl::StatusOr<RemoteEngine*> engine =
       out->pool->WaitReady(absl::Milliseconds(static_cast<int64_t>(c.worker_ready_timeout_s * 1000)));
@@ -144,14 +176,16 @@ absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedM
 
 absl::StatusOr<LoadedModel> LoadModel(const EngineConfig& c, LoadProgress* progress) {
   RETURN_IF_ERROR(ValidateEngineConfig(c));
-  if (std::error_code ec; !fs::exists(c.model_path, ec)) {
+  const bool dummy = c.load_format == "dummy";
+  if (std::error_code ec; !dummy && !fs::exists(c.model_path, ec)) {
     return absl::NotFoundError(absl::StrCat("--model ", c.model_path, ": no such file or directory"));
   }
-  if (c.tp > 1 || c.worker_processes) {
+  if (dummy) RETURN_IF_ERROR(NamedModelShape(c.model_path).status());
+  if (c.tp > 1 || c.worker_processes || c.device == "cuda" || dummy) {
     LoadedModel out;
     progress->Phase("tokenizer");
-    const fs::path model_dir = fs::is_directory(c.model_path) ? fs::path(c.model_path)
-                                                              : fs::path(c.model_path).parent_path();
+    const fs::path tok_path = c.tokenizer_path.empty() ? fs::path(c.model_path) : fs::path(c.tokenizer_path);
+    const fs::path model_dir = fs::is_directory(tok_path) ? tok_path : tok_path.parent_path();
     ASSIGN_OR_RETURN(out.tokenizer, Tokenizer::LoadFromDirectory(model_dir.string()));
     RETURN_IF_ERROR(StartWorkers(c, progress, &out));
     const ModelConfig& config = out.engine->config();
@@ -175,8 +209,8 @@ absl::StatusOr<LoadedModel> LoadModel(const EngineConfig& c, LoadProgress* progr
 
   LoadedModel out;
   progress->Phase("tokenizer");
-  const fs::path model_dir =
-      fs::is_directory(c.model_path) ? fs::path(c.model_path) : fs::path(c.model_path).parent_path();
+  const fs::path tok_path = c.tokenizer_path.empty() ? fs::path(c.model_path) : fs::path(c.tokenizer_path);
+  const fs::path model_dir = fs::is_directory(tok_path) ? tok_path : tok_path.parent_path();
   ASSIGN_OR_RETURN(out.tokenizer, Tokenizer::LoadFromDirectory(model_dir.string()));
 
   progress->Phase("weights");

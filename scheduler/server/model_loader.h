@@ -8,8 +8,15 @@
 //    processes started by a WorkerPool, driven through its RemoteEngine
 //    (scheduler/worker_pool.h); they are children of this process and die
 //    with it;
-//  * --device cuda: UNIMPLEMENTED (strata-worker runs the CPU engine only).
+//  * --device cuda: always N = --tp strata-worker processes (N >= 1), rank r
+//    on GPU r, each running the CUDA engine on its shard, NCCL between them,
+//    sampling on rank 0's GPU; this process needs no GPU;
+//  * --load-format dummy: --model names a shape (llama-2-7b, ... see
+//    NamedModelShape) or a config.json; random weights on the workers; the
+//    tokenizer comes from --tokenizer (its vocabulary must match).
 //
+// KV pool, --device cuda: --gpu-memory-utilization x the free device memory
+// after weights and activations, per rank; the minimum over ranks.
 // KV pool (main memory for --device cpu), per engine process, i.e. per rank
 // with workers: --kv-cache-memory GiB when given; otherwise
 // --gpu-memory-utilization x MemAvailable (in-process: measured after the
@@ -33,6 +40,9 @@ namespace strata::serving {
 
 struct EngineConfig {
   std::string model_path;
+  std::string load_format = "auto";  // auto | dummy
+  std::string tokenizer_path;        // "" = the model's directory
+  std::string dtype = "auto";        // cuda weights: auto (= fp16), fp16, bf16
   int32_t tp = 1;
   std::string device = "cpu";  // cpu | cuda
   std::string kv_cache_dtype = "auto";
@@ -44,6 +54,8 @@ struct EngineConfig {
   int32_t block_size = 16;
   int32_t max_num_seqs = 256;
   int32_t max_model_len = 0;  // 0 = the model's context
+  int32_t max_num_batched_tokens = 0;  // cuda: the engine's per-step token budget (0 = default)
+  bool enforce_eager = false;          // cuda: no CUDA graphs
   // Worker processes.
   bool worker_processes = false;  // also for --tp 1
   std::string worker_binary;      // "" = strata-worker next to this binary, ../worker/, $PATH

@@ -200,7 +200,9 @@ int RunServe(const ServeOptions& o) {
                o.tls_cert_file.empty() ? "" : " with TLS", o.engine.model_path);
 
   LoadProgress progress(0);
-  absl::StatusOr<LoadedModel> model = LoadModel(o.engine, &progress);
+  EngineConfig engine_config = o.engine;
+  engine_config.max_num_batched_tokens = std::max(o.max_num_batched_tokens, o.engine.max_num_seqs);
+  absl::StatusOr<LoadedModel> model = LoadModel(engine_config, &progress);
   progress.Done(model.ok());
   if (!model.ok()) {
     std::fprintf(stderr, "strata serve: %s\n", model.status().ToString().c_str());
@@ -243,6 +245,28 @@ int RunServe(const ServeOptions& o) {
   }
   (*metrics)->SetPoolSizes(engine.options().num_gpu_blocks, engine.options().num_cpu_blocks,
                            model->kv_bytes_per_block);
+  ServingMetrics* m = metrics->get();
+  if (model->pool != nullptr) {
+    RemoteEngine* remote = model->pool->engine();
+    const std::vector<RankMemory>& mem = remote->memory();
+    for (size_t r = 0; r < mem.size(); ++r) {
+      const RankMemory& x = mem[r];
+      m->SetWorkerUp(static_cast<int>(r), true);
+      for (const auto& [kind, bytes] : {std::pair<const char*, int64_t>{"weights", x.weights},
+                                        {"kv_cache", x.kv_cache}, {"activations", x.activations},
+                                        {"swap", x.swap}, {"free", x.free}, {"total", x.total}}) {
+        if (bytes > 0 || std::string(kind) == "kv_cache") m->SetWorkerMemory(static_cast<int>(r), kind, bytes);
+      }
+    }
+    remote->set_rank_step_observer([m](int rank, int64_t /*worker_us*/, int64_t engine_us) {
+      m->OnWorkerStep(rank, static_cast<double>(engine_us) * 1e-6);
+    });
+  } else {
+    m->set_in_process_worker(true);
+    m->SetWorkerUp(0, true);
+    m->SetWorkerMemory(0, "kv_cache", int64_t{engine.options().num_gpu_blocks} * model->kv_bytes_per_block);
+    m->SetWorkerMemory(0, "swap", int64_t{engine.options().num_cpu_blocks} * model->kv_bytes_per_block);
+  }
   if (o.metrics_port > 0) spdlog::info("metrics on http://{}/metrics", HostPort(o.host, o.metrics_port));
   absl::StatusOr<std::unique_ptr<ServingEngine>> serving =
       ServingEngine::Create(&engine, model->tokenizer.get(), metrics->get(), so);
@@ -281,6 +305,9 @@ int RunServe(const ServeOptions& o) {
   while (!signals.WaitFirst(absl::Seconds(1))) {
     const absl::Status workers = model->Health();
     if (!workers.ok() && healthy) spdlog::error("workers unhealthy: {}", workers.ToString());
+    if (model->pool != nullptr) {
+      for (const WorkerProcessStatus& w : model->pool->Health().workers) m->SetWorkerUp(w.rank, w.running && workers.ok());
+    }
     const bool now = (*serving)->Stats().engine_healthy && workers.ok();
     if (now != healthy) SetHealth(server.get(), now);
     healthy = now;

@@ -26,7 +26,8 @@ std::string OutcomeName(const absl::Status& status) {
 
 // Forwards to the real engine and remembers where the rows of logits the
 // EngineLoop samples from are, so the sampled token's log-probabilities can
-// be computed in OnToken.
+// be computed in OnToken. Engines that sample themselves return no logits
+// rows and hand OnToken their log-probs instead.
 //
 // Contract relied on (checked below and by tests/serving_e2e_test.cc's
 // greedy-logprob check): EngineLoop::Step calls on_token once per sequence
@@ -38,6 +39,7 @@ class ServingEngine::LogitsTap final : public Engine {
   explicit LogitsTap(Engine* inner) : inner_(inner) {}
   const ModelConfig& config() const override { return inner_->config(); }
   const EngineOptions& options() const override { return inner_->options(); }
+  bool SupportsSampling() const override { return inner_->SupportsSampling(); }
   absl::Status Step(const StepInput& input, StepOutput* output) override {
     rows_.clear();
     next_ = 0;
@@ -48,7 +50,7 @@ class ServingEngine::LogitsTap final : public Engine {
       const SeqStepInput& s = input.seqs[i];
       if (s.logits == SeqStepInput::Logits::kLast) rows_.push_back(output->row_begin[i]);
       const bool decode = s.tokens.size() == 1 && s.start_pos > 0 &&
-                          s.logits == SeqStepInput::Logits::kLast;
+                          (s.logits == SeqStepInput::Logits::kLast || s.sample);
       if (!decode) prefill_tokens_ += static_cast<int64_t>(s.tokens.size());
     }
     return absl::OkStatus();
@@ -101,7 +103,9 @@ absl::StatusOr<std::unique_ptr<ServingEngine>> ServingEngine::Create(
   s->tap_ = std::make_unique<LogitsTap>(engine);
   LoopCallbacks callbacks;
   ServingEngine* self = s.get();
-  callbacks.on_token = [self](RequestId id, int32_t token) { self->OnToken(id, token); };
+  callbacks.on_token = [self](RequestId id, int32_t token, const StepOutput::Sampled* sampled) {
+    self->OnToken(id, token, sampled);
+  };
   callbacks.on_finish = [self](const FinishedSeq& f) { self->OnFinish(f); };
   ASSIGN_OR_RETURN(s->loop_, EngineLoop::Create(s->tap_.get(), options.scheduler, callbacks));
   s->Publish();
@@ -226,6 +230,7 @@ void ServingEngine::Apply(Command& c) {
   lr.prompt = c.request.prompt;
   lr.max_tokens = c.request.max_tokens;
   lr.sampling = c.request.sampling;
+  lr.num_logprobs = c.request.num_logprobs;
   // No stop tokens for the loop: they are applied in OnToken (see LogitsTap).
   absl::StatusOr<SeqId> seq = loop_->AddRequest(lr);
   if (!seq.ok()) {
@@ -253,8 +258,9 @@ void ServingEngine::Apply(Command& c) {
   active_.emplace(c.handle, std::move(a));
 }
 
-void ServingEngine::OnToken(RequestId id, int32_t token) {
-  const float* row = tap_->NextRow();  // consumed for every call, in order
+void ServingEngine::OnToken(RequestId id, int32_t token, const StepOutput::Sampled* sampled) {
+  // Loop-sampled: the logits row, consumed for every call, in order.
+  const float* row = sampled == nullptr ? tap_->NextRow() : nullptr;
   ++step_sampled_;
   auto it = active_.find(static_cast<uint64_t>(id.value()));
   if (it == active_.end()) return;
@@ -282,9 +288,11 @@ void ServingEngine::OnToken(RequestId id, int32_t token) {
     const int32_t vocab = tokenizer_->vocab_size();
     v1::TokenLogprobs* lp = chunk.add_logprobs();
     lp->mutable_sampled()->set_token_id(token);
-    lp->mutable_sampled()->set_logprob(LogProbOf(row, vocab, token));
+    lp->mutable_sampled()->set_logprob(sampled != nullptr ? sampled->logprob : LogProbOf(row, vocab, token));
     if (r.num_logprobs > 0) {
-      for (const auto& [tid, logprob] : TopLogProbs(row, vocab, r.num_logprobs)) {
+      const std::vector<std::pair<int32_t, float>> top =
+          sampled != nullptr ? sampled->top_logprobs : TopLogProbs(row, vocab, r.num_logprobs);
+      for (const auto& [tid, logprob] : top) {
         v1::TokenLogprob* t = lp->add_top();
         t->set_token_id(tid);
         t->set_logprob(logprob);

@@ -126,7 +126,7 @@ class ServingEngine {
                 const ServingEngineOptions& options);
   void Run();  // the engine thread
   void Apply(Command& command);
-  void OnToken(RequestId id, int32_t token);
+  void OnToken(RequestId id, int32_t token, const StepOutput::Sampled* sampled);
   void OnFinish(const FinishedSeq& finished);
   void Finish(Active& a, const absl::Status& status, v1::GenerateResponse last);
   void FailAll(const absl::Status& status);

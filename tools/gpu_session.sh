@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# One GPU session: build here, run everything GPU-side there, in one call.
+#
+#   tools/gpu_session.sh bundle [BUILD_DIR]   (build machine) builds the GPU
+#       targets (configure BUILD_DIR with -DSTRATA_NATIVE=OFF so the binaries run
+#       on any x86-64), packs .gpu_session/: stripped binaries (tar.gz), the
+#       shared libraries the GPU machines lack (gRPC, abseil, protobuf's
+#       friends, prometheus-cpp, spdlog, fmt, Gloo, ...; CUDA, NCCL, OpenBLAS
+#       and the C/C++ runtimes come from the machine), stories15M-fp16 with its
+#       tokenizer, the golden fixtures, and the commit. Carry ".gpu_session".
+#   tools/gpu_session.sh run STAGE...   (GPU machine, repo root) runs the
+#       stages, logs and result tables under $OUT:
+#         kernels  KV-cache kernel tests vs the CPU reference + decode-attention sweep
+#         engine   fused-op tests, the engine's golden test, decode step benchmark
+#         serve    `strata serve --device cuda` end to end (tests/serving_gpu_test.cc;
+#                  STRATA_GPU_TP picks the tp sizes, default "1 2 4" up to the GPUs)
+#         tp       tensor-parallel decode step time (bench/tp_decode_bench.cc)
+#         sbench   the serving benchmark against `strata serve` (SBENCH_* below)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=.gpu_session
+BINS_WORKER="kernels_cuda_ops_test gpu_golden_test gpu_decode_bench tp_decode_bench strata-worker"
+BINS_KERNELS="kernels_kv_cache_cuda_test decode_attention_bench"
+BINS_SCHED="strata serving_gpu_test"
+BINS_BENCH="strata-serving-bench"
+SYSTEM_LIBS='^(linux-vdso|ld-linux|libc\.|libm\.|libdl\.|librt\.|libpthread\.|libstdc\+\+|libgcc_s|libgomp|libopenblas|libblas|liblapack|libgfortran|libquadmath|libcuda|libcudart|libcublas|libnccl|libssl|libcrypto|libz\.)'
+
+find_bin() {  # build dir, name
+  find "$1" -type f -name "$2" -perm -u+x -not -path '*/CMakeFiles/*' | head -1
+}
+
+bundle() {
+  local build=${1:-build}
+  set -e
+  local all="$BINS_WORKER $BINS_KERNELS $BINS_SCHED"
+  local have_bench=0
+  if ninja -C "$build" -t targets all 2>/dev/null | grep -q "^$BINS_BENCH:"; then all="$all $BINS_BENCH"; have_bench=1; fi
+  cmake --build "$build" -j2 --target $all
+  rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/lib" "$BUNDLE/bin" "$BUNDLE/data/models" "$BUNDLE/data/golden"
+  local b path
+  for b in $all; do
+    path=$(find_bin "$build" "$b")
+    [[ -n $path ]] || { echo "missing $b under $build" >&2; exit 1; }
+    strip -o "$BUNDLE/bin/$b" "$path"
+    ldd "$path" | awk '/=> \// {print $1, $3}' | while read -r name lib; do
+      [[ $name =~ $SYSTEM_LIBS ]] && continue
+      cp -Ln "$lib" "$BUNDLE/lib/" 2>/dev/null || true
+    done
+  done
+  strip --strip-unneeded "$BUNDLE"/lib/*.so* 2>/dev/null || true
+  tar czf "$BUNDLE/bins.tar.gz" -C "$BUNDLE/bin" $all && rm -rf "$BUNDLE/bin"
+  local data=${STRATA_DATA_DIR:-../shared/data}
+  mkdir -p "$BUNDLE/data/models/stories15M-fp16"
+  cp "$data"/models/stories15M-fp16/* "$BUNDLE/data/models/stories15M-fp16/"
+  cp "$data"/golden/stories15M_greedy.json "$data"/golden/stories15M_logits_*.f32 "$BUNDLE/data/golden/"
+  [[ -f "$data/README.md" ]] && cp "$data/README.md" "$BUNDLE/data/"
+  { git log -1 --format='%H %cd %s'; git status --short | grep -v '^??' || true; } > "$BUNDLE/COMMIT"
+  echo "bench client bundled: $have_bench"
+  du -sh "$BUNDLE" "$BUNDLE"/*
+}
+
+sbench() {  # the serving benchmark: one server per KV format, each workload
+  local out=$1 work=$2
+  local model=${SBENCH_MODEL:-llama-2-7b} tp=${SBENCH_TP:-1}
+  local kvs=${SBENCH_KV:-fp16 int8}
+  local workloads=${SBENCH_WORKLOADS:-sharegpt}
+  local extra=${SBENCH_SERVE_ARGS:-}
+  local port=50700
+  for kv in $kvs; do
+    local dtype=${kv%%:*} mode=""
+    [[ $kv == *:* ]] && mode="--kv-scale-mode ${kv#*:}"
+    local tag="${model}_tp${tp}_${dtype}${mode:+_${kv#*:}}"
+    "$work/strata" serve --device cuda --tp "$tp" --load-format dummy --model "$model" \
+      --tokenizer "$STRATA_DATA_DIR/models/stories15M-fp16" --worker-binary "$work/strata-worker" \
+      --kv-cache-dtype "$dtype" $mode --port $port --metrics-port $((port + 1)) --shutdown-grace 1 $extra \
+      > "$out/serve_$tag.log" 2>&1 &
+    local pid=$!
+    local ok=0
+    for _ in $(seq 1 240); do
+      grep -q "ready on" "$out/serve_$tag.log" && { ok=1; break; }
+      kill -0 $pid 2>/dev/null || break
+      sleep 0.5
+    done
+    if [[ $ok != 1 ]]; then echo "server $tag did not start"; tail -20 "$out/serve_$tag.log"; kill $pid 2>/dev/null; continue; fi
+    grep -E "KV cache|KV blocks|ready on" "$out/serve_$tag.log" | tail -4
+    for w in $workloads; do
+      local wl=${w%%@*} load=${w#*@}
+      [[ $w == *@* ]] || load=""
+      timeout ${SBENCH_TIMEOUT:-150} "$work/strata-serving-bench" --server 127.0.0.1:$port \
+        --metrics-url "http://127.0.0.1:$((port + 1))/metrics" --workload "$wl" ${load} \
+        ${SBENCH_ARGS:-} --label "$tag" --output "$out/sbench_${tag}_${wl}.json" \
+        > "$out/sbench_${tag}_${wl}.log" 2>&1
+      echo "== $tag $wl rc=$?"; tail -12 "$out/sbench_${tag}_${wl}.log"
+    done
+    kill -TERM $pid; wait $pid
+    port=$((port + 2))
+  done
+}
+
+run() {
+  local out=${OUT:-/tmp/gpu_session_out} work=/tmp/gpu_session
+  mkdir -p "$out" "$work"
+  tar xzf "$BUNDLE/bins.tar.gz" -C "$work" || { echo "no bundle"; exit 1; }
+  export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  export STRATA_DATA_DIR="$PWD/$BUNDLE/data"
+  export STRATA_CLI="$work/strata" STRATA_WORKER="$work/strata-worker"
+  export NCCL_NVLS_ENABLE=0
+  {
+    echo "date: $(date -u +%FT%TZ)"
+    echo "commit: $(cat "$BUNDLE/COMMIT")"
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,power.limit \
+      --format=csv
+  } | tee "$out/env.txt"
+  local rc=0 s
+  for s in "$@"; do
+    echo "=== stage $s ($(date -u +%T))"
+    case $s in
+      kernels)
+        timeout ${KERNELS_TIMEOUT:-240} "$work/kernels_kv_cache_cuda_test" > "$out/kv_cache_cuda_test.log" 2>&1 || rc=1
+        grep -E '^\[  (PASSED|FAILED|SKIPPED)|FAILED|Failure' "$out/kv_cache_cuda_test.log" | head -30
+        timeout ${KBENCH_TIMEOUT:-150} "$work/decode_attention_bench" --sweep ${KBENCH_ARGS:-} \
+          > "$out/decode_attention_bench.log" 2>&1 || rc=1
+        cat "$out/decode_attention_bench.log" | tail -60 ;;
+      engine)
+        timeout 100 "$work/kernels_cuda_ops_test" > "$out/cuda_ops_test.log" 2>&1 || rc=1
+        grep -E '^\[  (PASSED|FAILED)|Failure|FAILED' "$out/cuda_ops_test.log" | head -20
+        timeout 200 "$work/gpu_golden_test" > "$out/gpu_golden_test.log" 2>&1 || rc=1
+        grep -E '^\[(golden|logits|kv |graphs|gqa|memory)|^\[  (PASSED|FAILED)|Failure|FAILED' \
+          "$out/gpu_golden_test.log" | head -80
+        timeout ${EBENCH_TIMEOUT:-280} "$work/gpu_decode_bench" --markdown "$out/gpu_decode_bench.md" \
+          ${EBENCH_ARGS:-} > "$out/gpu_decode_bench.log" 2>&1 || rc=1
+        cat "$out/gpu_decode_bench.log" ;;
+      serve)
+        timeout ${SERVE_TIMEOUT:-400} "$work/serving_gpu_test" ${SERVE_FILTER:+--gtest_filter=$SERVE_FILTER} \
+          > "$out/serving_gpu_test.log" 2>&1 || rc=1
+        grep -E '^\[gpu-serve\]|^\[  (PASSED|FAILED|SKIPPED)|Failure|FAILED|error' "$out/serving_gpu_test.log" | head -80 ;;
+      tp)
+        timeout ${TP_TIMEOUT:-300} "$work/tp_decode_bench" --markdown "$out/tp_decode_bench.md" ${TP_ARGS:-} \
+          > "$out/tp_decode_bench.log" 2>&1 || rc=1
+        cat "$out/tp_decode_bench.log" | tail -30 ;;
+      sbench)
+        sbench "$out" "$work" ;;
+      *) echo "unknown stage $s"; rc=1 ;;
+    esac
+  done
+  echo "gpu_session: rc=$rc"
+  return $rc
+}
+
+case ${1:-} in
+  bundle) shift; bundle "$@" ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: $0 bundle [BUILD_DIR] | run STAGE..."; exit 2 ;;
+esac
