@@ -1,10 +1,14 @@
 // Paged decode attention (split-K / flash-decoding), templated on the KV
 // format, head_dim and the number G of query heads sharing one kv head in a
 // thread block. Included only by the decode_attention_*.cu instance files.
+// This file: the CUDA-core kernel (fp32, fp16, bf16, and the 8/4-bit formats
+// with blocks of < 16 tokens) and the launcher; the tensor-core kernel of the
+// 8/4-bit formats is in decode_attention_mma.cuh.
 //
-// One thread block = (partition of the context, kv head, group of G query
-// heads, sequence). Two passes over the partition, both streaming the cache
-// with 4..32-byte vector loads, several tokens per thread in flight:
+// CUDA-core kernel: one thread block = (partition of the context, kv head,
+// group of G query heads, sequence). Two passes over the partition, both
+// streaming the cache with 4..32-byte vector loads, several tokens per thread
+// in flight:
 //   K pass  TPT threads per token, each holding the query values of its
 //           dims for all G heads in registers; partial dot products are
 //           combined by a "transposing" butterfly (each shuffle step halves
@@ -15,8 +19,9 @@
 // Scales and zero points are folded per token: logit = s * (q.k_raw - z * sum q),
 // out = sum_t p_t s_t v_raw - sum_t p_t s_t z_t. Scores are in the log2 domain
 // (q is pre-multiplied by softmax_scale * log2 e). With more than one
-// partition the unnormalized output and (max, sum) go to the workspace and a
-// merge kernel (kv_cache_cuda.cu) combines them.
+// partition the unnormalized output and (reference, sum) go to the workspace
+// and a merge kernel (kv_cache_cuda.cu) combines them; the reference is the
+// partition's max logit here, any finite value both are relative to in general.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -72,6 +77,7 @@ struct DecodeParams {
   int32_t partition;
   int32_t max_splits;
   int32_t log2_bs;
+  // CUDA-core kernel only (the tensor-core kernel's layout is MmaSmem):
   int32_t logit_cap;      // floats per head reserved for logits (>= roundup(partition, tokens/iter))
   int32_t region_floats;  // floats of the logits / reduction region
   float q_scale;          // softmax_scale * log2(e)
@@ -389,9 +395,6 @@ namespace detail {
 template <KvDtype D, KvScaleMode M, int HD, int G>
 cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
   using Cfg = DecodeCfg<D, HD, G>;
-  // 8-bit / 4-bit formats run on tensor cores when a 16-token tile lies in one block.
-  const bool use_mma = kMmaFormat<D> && l.args.cache.layout.block_size >= 16;
-  const int tokens_per_iter = use_mma ? 16 : Cfg::kTokensPerIter;
   const AttentionArgs& a = l.args;
   const int bs = a.cache.layout.block_size;
   const int group = a.num_heads / a.cache.layout.num_kv_heads;
@@ -411,24 +414,39 @@ cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
   p.partition = l.plan.partition_size;
   p.max_splits = l.plan.max_splits;
   p.log2_bs = Log2Int(bs);
-  p.logit_cap = (p.partition + tokens_per_iter - 1) / tokens_per_iter * tokens_per_iter;
+  constexpr int kTpi = Cfg::kTokensPerIter;
+  p.logit_cap = (p.partition + kTpi - 1) / kTpi * kTpi;
   p.region_floats = p.logit_cap * G > kDecodeWarps * G * HD ? p.logit_cap * G : kDecodeWarps * G * HD;
   p.q_scale = a.softmax_scale * kLog2e;
   const int blk_ints = (p.partition >> p.log2_bs) + 1;
-  const int smem = (p.region_floats + blk_ints + 3 * G) * 4;  // + [3][G] stats
   const dim3 grid(l.plan.max_splits, a.cache.layout.num_kv_heads * p.groups_per_kv,
                   a.batch.num_seqs);
   if constexpr (kMmaFormat<D>) {
-    if (use_mma) {
+    // 8-bit / 4-bit formats run on tensor cores when a 16-token tile lies in one block.
+    if (bs >= 16) {
+      using Smem = MmaSmem<MmaCfg<D, M, HD>, G, HD>;
+      // 4 thread blocks per SM (the launch bounds) at the largest partition.
+      static_assert(Smem::Bytes(kMaxPartition / 16 + 1) <= 56 * 1024);
+      const int smem = Smem::Bytes(blk_ints);
       static std::atomic<int> max_set_mma{0};
       auto kernel = DecodeMmaKernel<D, M, HD, G>;
       cudaError_t err =
           EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), smem, &max_set_mma);
       if (err != cudaSuccess) return err;
+      // 4 blocks of ~40-54 KB per SM need (nearly) the whole carveout; a hint, set once.
+      static std::atomic<bool> carveout_set{false};
+      if (!carveout_set.load(std::memory_order_relaxed)) {
+        err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                   cudaFuncAttributePreferredSharedMemoryCarveout,
+                                   cudaSharedmemCarveoutMaxShared);
+        if (err != cudaSuccess) return err;
+        carveout_set.store(true, std::memory_order_relaxed);
+      }
       kernel<<<grid, kMmaThreads, smem, stream>>>(p);
       return cudaGetLastError();
     }
   }
+  const int smem = (p.region_floats + blk_ints + 2 * G) * 4;  // + [2][G] stats
   static std::atomic<int> max_set{0};
   auto kernel = DecodeKernel<D, M, HD, G>;
   cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), smem, &max_set);

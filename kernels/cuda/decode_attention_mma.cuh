@@ -1,28 +1,38 @@
 // Tensor-core decode attention for the 8-bit and 4-bit KV formats (fp8 e4m3,
 // fp8 e5m2, int8, int4) with block_size >= 16. Included by decode_attention.cuh.
 //
-// Why: with CUDA-core FMAs a GQA group of G heads costs G FMAs per cached
-// element and pass, i.e. 4-8 FMAs per byte for int8 and 8-16 for int4 — more
-// than the SMs can issue at memory speed. Here both products run on
-// mma.sync.m16n8k16 (fp16 inputs, fp32 accumulation); the cores only convert
-// the cached codes to fp16, which is exact for all four formats (int8 and
-// int4 codes minus their zero point are small integers; fp8 values are a
+// Why tensor cores: with CUDA-core FMAs a GQA group of G heads costs G FMAs
+// per cached element and pass, i.e. 4-8 FMAs per byte for int8 and 8-16 for
+// int4 — more than the SMs can issue at memory speed. Here both products run
+// on mma.sync.m16n8k16 (fp16 inputs, fp32 accumulation); the cores only
+// convert the cached codes to fp16, which is exact for all four formats (int8
+// and int4 codes minus their zero point are small integers; fp8 values are a
 // subset of fp16). The fp32 query and the fp32 softmax weights are split into
 // fp16 hi + lo parts (two MMAs), so the products keep ~fp32 accuracy.
 //
 // Thread block = (partition, kv head, group of G <= 8 query heads, sequence),
-// 4 warps; each warp takes 16-token tiles (one tile lies in one cache block).
-//   K pass  D[16 tokens x 8 heads] += K[16 tokens x 16 dims] Q^T[16 dims x 8 heads]
-//           lane (g, c) = (lane / 4, lane % 4) loads tokens g and g+8 and a set
+// 4 warps. Warp w takes the 16-token tiles w, w+4, ... of the partition (a
+// tile lies in one cache block) and streams them through its own ring of
+// shared-memory slots with cp.async: kStages-1 tiles (~8 KB) are in flight
+// while one is computed, so memory latency is hidden by the warp itself (the
+// previous kernel loaded into registers, waited, computed, and loaded again,
+// and reached 30-75% of the copy bandwidth). A slot holds the tile's K rows,
+// V rows and, in dynamic mode, its per-token scales / zero points. Per tile:
+//   logits  D[16 tokens x 8 heads] = K[16 tokens x 16 dims] Q^T[16 dims x 8 heads]
+//           lane (g, c) = (lane / 4, lane % 4) reads tokens g and g+8 and a set
 //           of 8-dim groups of each; the dims are permuted consistently in K
 //           and Q (a dot product does not care about the order).
-//   softmax as in the CUDA-core kernel (shared memory, per head).
-//   V pass  O^T[16 dims x 8 heads] += V^T[16 dims x 16 tokens] P^T[16 tokens x 8 heads]
-//           lane (g, c) loads tokens 4c..4c+3 and its dims; PRMT interleaves
+//   softmax online, per warp and head (flash-decoding style): a running
+//           reference, rescaling of the accumulators when it grows; the
+//           weights go through a small per-warp transpose in shared memory.
+//   PV      O^T[16 dims x 8 heads] += V^T[16 dims x 16 tokens] P^T[16 tokens x 8 heads]
+//           lane (g, c) reads tokens 4c..4c+3 and its dims; PRMT interleaves
 //           two tokens' bytes into the fp16 pairs the A operand wants.
-// Per-token scales multiply the K-pass result rows and the V-pass weights;
-// per-token (dynamic) zero points are subtracted exactly during the fp16
-// conversion; static int8 zero points are folded per head at the end.
+// The four warps' (reference, sum, output) are combined at the end. K and V
+// of a token are read once, in one pass, with no block-wide barrier.
+// Per-token K scales multiply the logits, V scales the weights; per-token
+// (dynamic) zero points are subtracted exactly during the fp16 conversion;
+// static int8 zero points are folded per head.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -66,8 +76,12 @@ __device__ __forceinline__ uint32_t CvtE4M3x2(uint32_t two_bytes) {
   return r;
 }
 
+// (x & mask) | bits in one LOP3 (written as C++, it compiles to two: SASS LOP3
+// takes one immediate, and the compiler does not keep the other in a register).
 __device__ __forceinline__ uint32_t Lop3AndOr(uint32_t x, uint32_t mask, uint32_t bits) {
-  return (x & mask) | bits;  // compiles to one LOP3
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask), "r"(bits));
+  return r;
 }
 
 constexpr uint32_t kMagic8 = 0x64646464u;    // bytes of fp16 1024 (0x6400)
@@ -185,7 +199,9 @@ struct VOperand {
   }
 };
 
-template <KvDtype D, int HD>
+// ---- configuration -----------------------------------------------------------
+
+template <KvDtype D, KvScaleMode M, int HD>
 struct MmaCfg {
   static constexpr bool kInt4 = D == KvDtype::kInt4;
   // K pass: 8-dim groups, per lane c.
@@ -201,17 +217,72 @@ struct MmaCfg {
   static constexpr bool kVContig = kUnits % 8 == 0;
   static constexpr int kBlocks = kUpl * (kUnitDims / 2);
   static constexpr int kRowBytes = HD * KvDtypeBits(D) / 8;
-  // Tiles per warp per iteration: the loads of all of them are in flight
-  // together. The first GPU run (U = 2) was latency-bound: int4 (2 KB per warp
-  // in flight) ran no faster than int8 (4 KB). Aim at ~8 KB per warp, within
-  // 64 (int4: 48) data registers per lane so that nothing spills at 128.
-  static constexpr int kKRegsPerTile = 2 * kKWords;
-  static constexpr int kVRegsPerTile = 4 * kUpl;
-  static constexpr int kMaxRegsPerTile = kKRegsPerTile > kVRegsPerTile ? kKRegsPerTile : kVRegsPerTile;
-  static constexpr int kUnrollBytes = 8192 / (16 * kRowBytes);
-  static constexpr int kUnrollRegs = (kInt4 ? 48 : 64) / kMaxRegsPerTile;  // int4: 64 spilled
-  static constexpr int kUnroll = ClampInt(kUnrollBytes < kUnrollRegs ? kUnrollBytes : kUnrollRegs, 1, 8);
+  // Shared-memory pipeline. A slot holds one 16-token tile: its K rows, its V
+  // rows (each a verbatim copy of the 16 contiguous rows of the block) and, in
+  // dynamic mode, the tile's per-token metadata:
+  //   [0, 32) K scales, [32, 64) V scales, [64, 80) K zeros, [80, 96) V zeros.
+  static constexpr int kTileBytes = 16 * kRowBytes;  // multiple of 16 for every HD
+  static constexpr int kTileChunks = kTileBytes / 16;
+  static constexpr bool kDynamic = M == KvScaleMode::kDynamic;
+  static constexpr int kMetaBytes = kDynamic ? (KvDtypeIsInteger(D) ? 96 : 64) : 0;
+  static constexpr int kSlotBytes = 2 * kTileBytes + kMetaBytes;
+  // Slots per warp: ~8 KB per warp stays in flight while one tile is computed
+  // (the previous kernel, with <= 8 KB in registers and none while computing,
+  // was latency-bound).
+  static constexpr int kStages = ClampInt(1 + (8192 + kSlotBytes - 1) / kSlotBytes, 2, 8);
+  // 128-byte rows (head_dim 128, 8-bit): 16-byte chunk c of row r is stored at
+  // c ^ Swz(r), which makes both the K-pass reads (rows g, chunks 2c, 2c+1)
+  // and the V-pass reads (rows 4c+i, chunk g) free of bank conflicts. Other
+  // row sizes are stored as they are (at most 2-way conflicts).
+  static constexpr bool kSwizzle = kRowBytes == 128;
+  __device__ __forceinline__ static int Swz(int row) { return (row & 1) | ((row >> 1) & 6); }
+  __device__ __forceinline__ static int Chunk(int row, int chunk) {
+    return kSwizzle ? chunk ^ Swz(row) : chunk;
+  }
 };
+static_assert(MmaCfg<KvDtype::kInt4, KvScaleMode::kDynamic, 48>::kTileBytes % 16 == 0);
+
+// Shared memory of one thread block (bytes): per-warp slot rings (reused for
+// the per-warp output at the end), per-warp weight transposes, per-warp
+// softmax statistics, the partition's block ids.
+template <class Cfg, int G, int HD>
+struct MmaSmem {
+  static constexpr int kRing = Cfg::kStages * Cfg::kSlotBytes;
+  static constexpr int kRed = G * HD * 4;
+  static constexpr int kWarpBytes = ((kRing > kRed ? kRing : kRed) + 15) / 16 * 16;
+  static constexpr int kTransStride = 20;  // floats per head: conflict-free transposed writes
+  static constexpr int kTransOff = kMmaWarps * kWarpBytes;
+  static constexpr int kStatsOff = kTransOff + kMmaWarps * 8 * kTransStride * 4;
+  static constexpr int kBlkOff = kStatsOff + 2 * kMmaWarps * 8 * 4;
+  static constexpr int Bytes(int blk_ints) { return kBlkOff + blk_ints * 4; }
+};
+
+// ---- cp.async helpers ---------------------------------------------------------
+
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// kBytes (4, 8 or 16, aligned) from shared memory.
+template <int kBytes>
+__device__ __forceinline__ void LdsWords(const uint8_t* p, uint32_t* w) {
+  if constexpr (kBytes == 16) {
+    const uint4 a = *reinterpret_cast<const uint4*>(p);
+    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+  } else if constexpr (kBytes == 8) {
+    const uint2 a = *reinterpret_cast<const uint2*>(p);
+    w[0] = a.x; w[1] = a.y;
+  } else {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  }
+}
 
 // Group index of (lane c, p) in the K pass; unit index of (lane g, i) in the V pass.
 template <class Cfg>
@@ -223,77 +294,115 @@ __device__ __forceinline__ int VUnit(int g, int i) {
   return Cfg::kVContig ? g * Cfg::kUpl + i : i * 8 + g;
 }
 
-// Loads the K-pass words of one token row for lane c.
+// The K-pass words of row `row` of a staged tile for lane c.
 template <class Cfg>
-__device__ __forceinline__ void LoadKRow(const uint8_t* row, int c, uint32_t (&w)[Cfg::kKWords]) {
+__device__ __forceinline__ void LdsKRow(const uint8_t* tile, int row, int c,
+                                        uint32_t (&w)[Cfg::kKWords]) {
+  const uint8_t* r = tile + row * Cfg::kRowBytes;
   if constexpr (Cfg::kKContig) {
-    LoadChunk<Cfg::kKWords * 4>(row + c * Cfg::kKWords * 4, w);
+    constexpr int kBytes = Cfg::kKWords * 4;
+    if constexpr (kBytes == 32) {  // chunks 2c, 2c+1
+      LdsWords<16>(r + Cfg::Chunk(row, 2 * c) * 16, &w[0]);
+      LdsWords<16>(r + Cfg::Chunk(row, 2 * c + 1) * 16, &w[4]);
+    } else {
+      static_assert(!Cfg::kSwizzle);
+      LdsWords<kBytes>(r + c * kBytes, w);
+    }
   } else {
     constexpr int kw = Cfg::kGroupBytes / 4;
 #pragma unroll
     for (int p = 0; p < Cfg::kGpl; ++p) {
       const int j = KGroup<Cfg>(c, p);
-      uint32_t t[kw];
       if (j < Cfg::kGroups) {
-        LoadChunk<Cfg::kGroupBytes>(row + j * Cfg::kGroupBytes, t);
+        LdsWords<Cfg::kGroupBytes>(r + j * Cfg::kGroupBytes, &w[p * kw]);
       } else {
 #pragma unroll
-        for (int k = 0; k < kw; ++k) t[k] = 0;
+        for (int k = 0; k < kw; ++k) w[p * kw + k] = 0;
       }
-#pragma unroll
-      for (int k = 0; k < kw; ++k) w[p * kw + k] = t[k];
     }
   }
 }
 
-// Loads the V-pass words (one per unit) of one token row for lane g.
+// The V-pass words (one per unit) of row `row` of a staged tile for lane g.
 template <class Cfg>
-__device__ __forceinline__ void LoadVRow(const uint8_t* row, int g, uint32_t (&w)[Cfg::kUpl]) {
+__device__ __forceinline__ void LdsVRow(const uint8_t* tile, int row, int g,
+                                        uint32_t (&w)[Cfg::kUpl]) {
+  const uint8_t* r = tile + row * Cfg::kRowBytes;
   if constexpr (Cfg::kVContig) {
-    LoadChunk<Cfg::kUpl * 4>(row + g * Cfg::kUpl * 4, w);
+    constexpr int kBytes = Cfg::kUpl * 4;
+    if constexpr (kBytes == 16) {  // chunk g
+      LdsWords<16>(r + Cfg::Chunk(row, g) * 16, w);
+    } else {
+      static_assert(!Cfg::kSwizzle);
+      LdsWords<kBytes>(r + g * kBytes, w);
+    }
   } else {
 #pragma unroll
     for (int i = 0; i < Cfg::kUpl; ++i) {
       const int u = VUnit<Cfg>(g, i);
-      w[i] = u < Cfg::kUnits ? __ldg(reinterpret_cast<const uint32_t*>(row + u * 4)) : 0u;
+      w[i] = u < Cfg::kUnits ? *reinterpret_cast<const uint32_t*>(r + u * 4) : 0u;
     }
   }
 }
 
-// IntSub for one token (K pass: both halves the same token) or a token pair (V pass).
+// IntSub of two tokens from their stored zero-point bytes: the tokens of bytes
+// (sel & 0xF) and ((sel >> 8) & 0xF) of `zb` go to the low and the high half
+// (sel = 0x4140: bytes 0, 1; 0x4342: bytes 2, 3; 0x4040: byte 0 twice).
+// Integer ops only: 1152 + z (int8, z = int8 byte) is the fp16 0x6400 | (byte ^
+// 0x80); 1024 + z (int4, z = 0..15) is 0x6400 | z; -64 - z is 0xD400 + 16 z.
+// Any byte gives a finite constant (stale bytes past the context meet zeroed
+// codes and zero weights). zb = 0: no zero point.
 template <KvDtype D>
-__device__ __forceinline__ IntSub MakeSub(float z0, float z1) {
+__device__ __forceinline__ IntSub SubFromBytes(uint32_t zb, uint32_t sel) {
   IntSub s;
   if constexpr (D == KvDtype::kInt8) {
-    s.lo = H2Bits(__floats2half2_rn(1152.0f + z0, 1152.0f + z1));  // 1024 + 128 + z
+    s.lo = __byte_perm(zb ^ 0x80808080u, kMagic8, sel);
   } else if constexpr (D == KvDtype::kInt4) {
-    s.lo = H2Bits(__floats2half2_rn(1024.0f + z0, 1024.0f + z1));
-    s.hi_b = H2Bits(__floats2half2_rn(-64.0f - z0, -64.0f - z1));
+    s.lo = __byte_perm(zb, kMagic8, sel);
+    s.hi_b = __byte_perm(zb << 4, 0xD4D4D4D4u, sel);
   }
   return s;
 }
 
+// 2^x, flushing results below 2^-126 to 0 (one MUFU; exp2f adds a subnormal fix-up).
+__device__ __forceinline__ float Exp2Ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// floor(log2(x)) of a positive normal fp32 x, as a float (exact).
+__device__ __forceinline__ float FloorLog2(float x) {
+  return static_cast<float>(static_cast<int>((__float_as_uint(x) >> 23) & 0xFFu) - 127);
+}
+
+constexpr float kWeightScale = 16384.0f;  // 2^14: V weights sit in [2^14, 2^15) at their maximum
+
 template <KvDtype D, KvScaleMode M, int HD, int G>
 __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodeParams p) {
-  using Cfg = MmaCfg<D, HD>;
+  using Cfg = MmaCfg<D, M, HD>;
+  using Smem = MmaSmem<Cfg, G, HD>;
   using KOp = KOperand<D>;
   using VOp = VOperand<D>;
   constexpr bool kDynamic = M == KvScaleMode::kDynamic;
   constexpr bool kStatic = M == KvScaleMode::kStatic;
   constexpr bool kInt = KvDtypeIsInteger(D);
-  constexpr int kU = Cfg::kUnroll;
+  constexpr int kS = Cfg::kStages;
 
-  extern __shared__ __align__(16) float smem[];
-  float* logits = smem;  // [logit_cap][G]; later [warps][G][HD]
-  int32_t* sblk = reinterpret_cast<int32_t*>(smem + p.region_floats);
-  float* sml = smem + p.region_floats + (p.partition >> p.log2_bs) + 1;
+  extern __shared__ __align__(16) uint8_t mma_smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  uint8_t* ring = mma_smem + warp * Smem::kWarpBytes;  // [kS][slot]; later [G][HD] floats
+  float* trans =  // [8 heads][kTransStride]: this warp's weight transpose
+      reinterpret_cast<float*>(mma_smem + Smem::kTransOff) + warp * 8 * Smem::kTransStride;
+  float* stat_r = reinterpret_cast<float*>(mma_smem + Smem::kStatsOff);  // [warps][8]
+  float* stat_l = stat_r + kMmaWarps * 8;                                // [warps][8]
+  int32_t* sblk = reinterpret_cast<int32_t*>(mma_smem + Smem::kBlkOff);
 
   const int split = blockIdx.x;
   const int seq = blockIdx.z;
   const int kvh = blockIdx.y / p.groups_per_kv;
   const int head0 = kvh * p.group + (blockIdx.y % p.groups_per_kv) * G;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, c = lane & 3;
 
   const int ctx = p.context_lens[seq];
   const int token = p.query_start[seq];
@@ -316,9 +425,72 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq + first_blk;
     for (int i = tid; i < nblk; i += kMmaThreads) sblk[i] = table[i];
   }
+  __syncthreads();  // sblk
 
-  // Query fragments (B operand of the K pass): head g, permuted dims.
+  const uint8_t* pool = p.cache.pool;
+  const KvBlockLayout& lay = p.cache.layout;
+  const uint32_t block_bytes = lay.block_bytes;
+  const uint32_t head_row = static_cast<uint32_t>(kvh) << p.log2_bs;
+  const int bs_mask = (1 << p.log2_bs) - 1;
+  // This warp's tiles: warp, warp + 4, ... (item i = tile warp + 4 i).
+  const int my_tiles = warp < ntiles ? (ntiles - 1 - warp) / kMmaWarps + 1 : 0;
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+
+  // Starts the copies of item i into slot `slot`. A tile starts at a multiple
+  // of 16 tokens of its block (partitions start at multiples of the block
+  // size, blocks hold >= 16 tokens), so its 16 rows lie in one block, are
+  // contiguous, and every source / destination is 16-byte aligned. Rows past
+  // the context are copied too (stale cache bytes); they are masked below.
+  // Lane l copies 16-byte chunks l, l + 32, ... of the K and the V rows and,
+  // in dynamic mode, chunk l of the metadata (lanes 0-1: K scales, 2-3: V
+  // scales, 4: K zeros, 5: V zeros).
+  const uint32_t v_minus_k = lay.v_data - lay.k_data;
+  uint32_t meta_off = 0, meta_shift = 0;  // metadata source: blk + meta_off + (idx << meta_shift)
+  if constexpr (kDynamic) {
+    meta_off = lane < 2 ? lay.k_scale + lane * 16
+             : lane < 4 ? lay.v_scale + (lane - 2) * 16
+             : lane == 4 ? lay.k_zero : lay.v_zero;
+    meta_shift = lane < 4 ? 1 : 0;
+  }
+  auto issue = [&](int i, int slot) {
+    const int t0 = start + (warp + i * kMmaWarps) * 16;
+    const int32_t b = sblk[(t0 >> p.log2_bs) - first_blk];
+    const uint8_t* blk = pool + static_cast<int64_t>(b) * block_bytes;
+    const uint32_t idx = head_row + (t0 & bs_mask);
+    const uint8_t* ksrc = blk + (lay.k_data + idx * Cfg::kRowBytes + lane * 16);
+    const uint8_t* vsrc = ksrc + v_minus_k;
+    const uint32_t dst = ring_s + slot * Cfg::kSlotBytes;
+#pragma unroll
+    for (int k = 0; k < (Cfg::kTileChunks + 31) / 32; ++k) {
+      if (Cfg::kTileChunks % 32 == 0 || lane + 32 * k < Cfg::kTileChunks) {
+        uint32_t off = (lane + 32 * k) * 16;
+        if constexpr (Cfg::kSwizzle) {  // 8 chunks per row
+          const int row = (lane >> 3) + 4 * k;
+          off = row * 128 + Cfg::Chunk(row, lane & 7) * 16;
+        }
+        CpAsync16(dst + off, ksrc + 512 * k);
+        CpAsync16(dst + Cfg::kTileBytes + off, vsrc + 512 * k);
+      }
+    }
+    if constexpr (kDynamic) {
+      if (lane < Cfg::kMetaBytes / 16) {
+        CpAsync16(dst + 2 * Cfg::kTileBytes + lane * 16, blk + (meta_off + (idx << meta_shift)));
+      }
+    }
+  };
+
+  // Prologue: kS - 1 items in flight (one commit group per item, empty ones
+  // included, so that wait_group<kS - 1> below always means "item i landed").
+#pragma unroll 1
+  for (int s = 0; s < kS - 1; ++s) {
+    if (s < my_tiles) issue(s, s);
+    CpAsyncCommit();
+  }
+
+  // Query fragments (B operand of the K pass): head g, permuted dims. Loaded
+  // while the first tiles are in flight.
   uint32_t qh[Cfg::kGpl][2][2], ql[Cfg::kGpl][2][2];
+  float qpart = 0.0f;  // this lane's share of sum_d q[g][d] (static int8 zero fold)
   {
     const float* qp = p.query + (static_cast<int64_t>(token) * p.num_heads + head0 + g) * HD;
 #pragma unroll
@@ -329,24 +501,23 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       for (int ks = 0; ks < 2; ++ks) {
         float v[4];
 #pragma unroll
-        for (int s = 0; s < 4; ++s) v[s] = ok ? __ldg(qp + j * 8 + KOp::Dim(ks, s)) * p.q_scale : 0.0f;
+        for (int s = 0; s < 4; ++s) {
+          v[s] = ok ? __ldg(qp + j * 8 + KOp::Dim(ks, s)) * p.q_scale : 0.0f;
+        }
+        qpart += (v[0] + v[1]) + (v[2] + v[3]);
         SplitPair(v[0], v[1], &qh[gi][ks][0], &ql[gi][ks][0]);
         SplitPair(v[2], v[3], &qh[gi][ks][1], &ql[gi][ks][1]);
       }
     }
   }
-  // Static int8: sum of the scaled query per head (heads 2c, 2c+1), for the zero fold.
+  // Static int8: sum of the scaled query of heads 2c, 2c+1 (the K-pass result
+  // columns of this lane). The four lanes of head g hold disjoint dims.
   float qsum[2] = {0.0f, 0.0f};
   if constexpr (kStatic && kInt) {
+    qpart += __shfl_xor_sync(0xffffffffu, qpart, 1);
+    qpart += __shfl_xor_sync(0xffffffffu, qpart, 2);
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      if (2 * c + k < G) {
-        const float* qp = p.query + (static_cast<int64_t>(token) * p.num_heads + head0 + 2 * c + k) * HD;
-        float s = 0.0f;
-        for (int d = 0; d < HD; ++d) s += __ldg(qp + d) * p.q_scale;
-        qsum[k] = s;
-      }
-    }
+    for (int k = 0; k < 2; ++k) qsum[k] = __shfl_sync(0xffffffffu, qpart, (2 * c + k) * 4);
   }
   float static_ks = 1.0f, static_kz = 0.0f, static_vs = 1.0f, static_vz = 0.0f;
   if constexpr (kStatic) {
@@ -358,219 +529,171 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
     }
   }
 
-  const uint8_t* pool = p.cache.pool;
-  const KvBlockLayout& lay = p.cache.layout;
-  const uint32_t block_bytes = lay.block_bytes;
-  const uint32_t head_row = static_cast<uint32_t>(kvh) << p.log2_bs;
-  const int bs_mask = (1 << p.log2_bs) - 1;
-  __syncthreads();  // sblk
-
-  // Address of the tile's first row in a section, and its scale index.
-  auto tile_base = [&](int tile, uint32_t section, uint32_t* idx, const uint8_t** blk) {
-    const int t0 = start + tile * 16;
-    const int32_t b = sblk[(t0 >> p.log2_bs) - first_blk];
-    *blk = pool + static_cast<int64_t>(b) * block_bytes;
-    *idx = head_row + (t0 & bs_mask);
-    return *blk + section + *idx * Cfg::kRowBytes;
-  };
-
-  // ---- K pass ---------------------------------------------------------------
-  for (int tile0 = warp; tile0 < ntiles; tile0 += kMmaWarps * kU) {
-    uint32_t kw[kU][2][Cfg::kKWords];
-    uint32_t kmeta[kU][2];  // dynamic: fp16 scale bits | zero byte << 16 (rows g, g+8)
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int tile = tile0 + u * kMmaWarps;
-      if (tile < ntiles) {
-        uint32_t idx;
-        const uint8_t* blk;
-        const uint8_t* row = tile_base(tile, lay.k_data, &idx, &blk);
-        LoadKRow<Cfg>(row + g * Cfg::kRowBytes, c, kw[u][0]);
-        LoadKRow<Cfg>(row + (g + 8) * Cfg::kRowBytes, c, kw[u][1]);
-        if constexpr (kDynamic) {
-          const unsigned short* sc =
-              reinterpret_cast<const unsigned short*>(blk + lay.k_scale) + idx;
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            uint32_t meta = __ldg(sc + g + 8 * r);
-            if constexpr (kInt) meta |= static_cast<uint32_t>(__ldg(blk + lay.k_zero + idx + g + 8 * r)) << 16;
-            kmeta[u][r] = meta;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int tile = tile0 + u * kMmaWarps;
-      if (tile >= ntiles) break;  // warp-uniform
-      IntSub sub0, sub1;
-      if constexpr (kInt) {
-        float z0 = 0.0f, z1 = 0.0f;
-        if constexpr (kDynamic) {
-          z0 = qmath::ZeroFromBits(D, static_cast<uint8_t>(kmeta[u][0] >> 16));
-          z1 = qmath::ZeroFromBits(D, static_cast<uint8_t>(kmeta[u][1] >> 16));
-        }
-        sub0 = MakeSub<D>(z0, z0);
-        sub1 = MakeSub<D>(z1, z1);
-      }
-      // Two independent accumulation chains (hi and lo query parts).
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int gi = 0; gi < Cfg::kGpl; ++gi) {
-        uint32_t r0[2][2], r1[2][2];
-        KOp::Build(&kw[u][0][gi * KOp::kWords], sub0, r0);
-        KOp::Build(&kw[u][1][gi * KOp::kWords], sub1, r1);
-#pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-          Mma16816(acc, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
-          Mma16816(acc_lo, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0], ql[gi][ks][1]);
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < 4; ++k) acc[k] += acc_lo[k];
-      // acc: (token g, head 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int t = tile * 16 + g + 8 * r;
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const int h = 2 * c + k;
-          if (h < G) {
-            float lg = acc[2 * r + k];
-            if constexpr (kStatic && kInt) lg = fmaf(-static_kz, qsum[k], lg);
-            if constexpr (kStatic) lg *= static_ks;
-            if constexpr (kDynamic) lg *= Half2ToFloat2(kmeta[u][r] & 0xFFFFu).x;
-            logits[t * G + h] = t < n ? lg : -INFINITY;
-          }
-        }
-      }
-    }
-  }
-  __syncthreads();
-
-  // ---- softmax ----------------------------------------------------------------
-  // The V weights (p, or p * s_t with s_t the token's V scale in dynamic mode)
-  // are multiplied by a per-head power of two f that puts their maximum near
-  // 2^14, so that their fp16 hi/lo parts stay normal down to tiny weights (a
-  // second GPU run showed fp8 scales ~1e-5 times small p underflowing fp16).
-  const int npad = ntiles * 16;
-  for (int h = warp; h < G; h += kMmaWarps) {
-    float m = -INFINITY;
-    for (int t = lane; t < n; t += 32) m = fmaxf(m, logits[t * G + h]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float sum = 0.0f, wmax = 0.0f;
-    for (int t = lane; t < npad; t += 32) {
-      const float e = t < n ? exp2f(logits[t * G + h] - m) : 0.0f;
-      sum += e;
-      float w = e;
-      if constexpr (kDynamic) {
-        if (t < n) {
-          const int at = start + t;
-          const int32_t b = sblk[(at >> p.log2_bs) - first_blk];
-          const unsigned short* sc = reinterpret_cast<const unsigned short*>(
-              pool + static_cast<int64_t>(b) * block_bytes + lay.v_scale);
-          w = e * Half2ToFloat2(__ldg(sc + head_row + (at & bs_mask))).x;
-        }
-      }
-      wmax = fmaxf(wmax, w);
-      logits[t * G + h] = w;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
-    }
-    if (lane == 0) {
-      sml[h] = m;
-      sml[G + h] = sum;
-      float f = 1.0f;
-      if (wmax > 0.0f) {
-        int ex;
-        frexpf(wmax, &ex);  // wmax < 2^ex
-        f = ldexpf(1.0f, 14 - ex);
-      }
-      sml[2 * G + h] = f;
-    }
-  }
-  __syncthreads();
-
-  // ---- V pass -------------------------------------------------------------------
-  const float wscale = g < G ? sml[2 * G + g] : 1.0f;  // f of head g
+  // Online softmax per warp, for heads 2c + k (replicated over g):
+  //   ref[k]  running reference (log2 domain), >= every logit + floor(log2 s_v)
+  //           of the tokens seen (s_v = the token's V scale, dynamic mode only);
+  //   lsum[k] this lane's part of sum_t exp2(logit_t - ref) (tokens g, g + 8);
+  //   acc     O^T += V^T P^T with P = 2^14 exp2(logit - ref) s_v, which keeps the
+  //           largest weight of a head in [2^14, 2^15): its fp16 hi/lo parts
+  //           stay normal (tiny fp8 scales times small p once underflowed fp16).
+  float ref[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.0f, 0.0f};
   float acc[Cfg::kBlocks][4];
 #pragma unroll
   for (int b = 0; b < Cfg::kBlocks; ++b) acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = 0.0f;
-  for (int tile0 = warp; tile0 < ntiles; tile0 += kMmaWarps * kU) {
-    uint32_t vw[kU][4][Cfg::kUpl];
-    uint32_t vzb[kU];  // dynamic int: zero bytes of tokens 4c..4c+3
+
+  int rd_slot = 0, wr_slot = kS - 1;
+  for (int i = 0; i < my_tiles; ++i) {
+    // Refill the slot read in iteration i - 1 (the __syncwarp at the end of
+    // that iteration ordered all lanes' reads before these copies).
+    if (i + kS - 1 < my_tiles) issue(i + kS - 1, wr_slot);
+    CpAsyncCommit();
+    wr_slot = wr_slot + 1 == kS ? 0 : wr_slot + 1;
+    CpAsyncWait<kS - 1>();  // this lane's copies of item i have landed
+    __syncwarp();           // ... and every lane's, visible to all
+    const uint8_t* sk = ring + rd_slot * Cfg::kSlotBytes;
+    const uint8_t* sv = sk + Cfg::kTileBytes;
+    const uint8_t* sm = sv + Cfg::kTileBytes;
+    const int tok0 = (warp + i * kMmaWarps) * 16;  // partition-relative; tok0 < n
+
+    // ---- logits: D[16 tokens x 8 heads] = K Q^T ----
+    // lg[r][k]: token tok0 + g + 8r, head 2c + k; -inf past the context.
+    float lg[2][2];
+    {
+      float kscale[2] = {1.0f, 1.0f};
+      uint32_t kzb[2] = {0u, 0u};
+      if constexpr (kDynamic) {
+        const unsigned short* ks = reinterpret_cast<const unsigned short*>(sm);
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int tile = tile0 + u * kMmaWarps;
-      if (tile < ntiles) {
-        uint32_t idx;
-        const uint8_t* blk;
-        const uint8_t* row = tile_base(tile, lay.v_data, &idx, &blk);
+        for (int r = 0; r < 2; ++r) {
+          kscale[r] = Half2ToFloat2(ks[g + 8 * r]).x;
+          if constexpr (kInt) kzb[r] = sm[64 + g + 8 * r];
+        }
+      }
+      IntSub sub0, sub1;
+      if constexpr (kInt) {
+        sub0 = SubFromBytes<D>(kzb[0], 0x4040u);
+        sub1 = SubFromBytes<D>(kzb[1], 0x4040u);
+      }
+      uint32_t kw0[Cfg::kKWords], kw1[Cfg::kKWords];
+      LdsKRow<Cfg>(sk, g, c, kw0);
+      LdsKRow<Cfg>(sk, g + 8, c, kw1);
+      // Two independent accumulation chains (hi and lo query parts).
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int i = 0; i < 4; ++i) LoadVRow<Cfg>(row + (4 * c + i) * Cfg::kRowBytes, g, vw[u][i]);
-        if constexpr (kDynamic) {
-          if constexpr (kInt) {
-            vzb[u] = __ldg(reinterpret_cast<const uint32_t*>(blk + lay.v_zero + idx + 4 * c));
-          }
+      for (int gi = 0; gi < Cfg::kGpl; ++gi) {
+        uint32_t r0[2][2], r1[2][2];
+        KOp::Build(&kw0[gi * KOp::kWords], sub0, r0);
+        KOp::Build(&kw1[gi * KOp::kWords], sub1, r1);
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+          Mma16816(d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
+          Mma16816(d_lo, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0], ql[gi][ks][1]);
+        }
+      }
+      // d: (token g, head 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const bool valid = tok0 + g + 8 * r < n;
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          float x = d[2 * r + k] + d_lo[2 * r + k];
+          if constexpr (kStatic && kInt) x = fmaf(-static_kz, qsum[k], x);
+          if constexpr (kStatic) x *= static_ks;
+          if constexpr (kDynamic) x *= kscale[r];
+          lg[r][k] = valid ? x : -INFINITY;  // a select: stale rows may hold NaN codes
         }
       }
     }
+
+    // ---- online softmax: weights of this tile ----
+    float vscale[2] = {1.0f, 1.0f}, vexp[2] = {0.0f, 0.0f};
+    if constexpr (kDynamic) {
+      const unsigned short* vs = reinterpret_cast<const unsigned short*>(sm + 32);
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int tile = tile0 + u * kMmaWarps;
-      if (tile >= ntiles) break;  // warp-uniform
-      // Weights of tokens 4c..4c+3 for head g; zero for padding tokens / heads.
-      float w[4];
+      for (int r = 0; r < 2; ++r) {
+        vscale[r] = Half2ToFloat2(vs[g + 8 * r]).x;
+        vexp[r] = FloorLog2(vscale[r]);  // finite for any bits; only used with finite lg
+      }
+    }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int t = tile * 16 + 4 * c + i;
-        const bool ok = t < n && g < G;
-        float x = ok ? logits[t * G + (g < G ? g : 0)] : 0.0f;
-        x *= wscale;
-        w[i] = x;
-        if (t >= n) {
+    for (int k = 0; k < 2; ++k) {
+      float tmax = fmaxf(lg[0][k] + vexp[0], lg[1][k] + vexp[1]);
 #pragma unroll
-          for (int k = 0; k < Cfg::kUpl; ++k) vw[u][i][k] = 0u;  // padding rows: finite codes
+      for (int o = 4; o < 32; o <<= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+      // tmax is finite: token tok0 (lane g = 0, r = 0) is inside the context.
+      if (tmax > ref[k]) {
+        const float alpha = Exp2Ftz(ref[k] - tmax);  // 0 on the first tile
+        lsum[k] *= alpha;
+#pragma unroll
+        for (int b = 0; b < Cfg::kBlocks; ++b) {
+          acc[b][k] *= alpha;
+          acc[b][2 + k] *= alpha;
+        }
+        ref[k] = tmax;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float e = Exp2Ftz(lg[r][k] - ref[k]);  // 0 past the context
+        lsum[k] += e;
+        float w = e * kWeightScale;
+        if constexpr (kDynamic) w = lg[r][k] > -INFINITY ? w * vscale[r] : 0.0f;
+        trans[(2 * c + k) * Smem::kTransStride + g + 8 * r] = w;
+      }
+    }
+    __syncwarp();
+    // Weights of head g for tokens tok0 + 4c .. 4c + 3 (B operand of the V pass).
+    const float4 wv = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
+
+    // ---- O^T[16 dims x 8 heads] += V^T[16 dims x 16 tokens] P^T ----
+    {
+      uint32_t vw[4][Cfg::kUpl];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        LdsVRow<Cfg>(sv, 4 * c + t, g, vw[t]);
+        if (tok0 + 4 * c + t >= n) {
+#pragma unroll
+          for (int k = 0; k < Cfg::kUpl; ++k) vw[t][k] = 0u;  // stale rows: finite codes
         }
       }
       uint32_t bh0, bl0, bh1, bl1;
-      SplitPair(w[0], w[1], &bh0, &bl0);
-      SplitPair(w[2], w[3], &bh1, &bl1);
+      SplitPair(wv.x, wv.y, &bh0, &bl0);
+      SplitPair(wv.z, wv.w, &bh1, &bl1);
       IntSub sub01, sub23;
       if constexpr (kInt) {
-        if constexpr (kDynamic) {
-          const bool ok0 = tile * 16 + 4 * c < n, ok1 = tile * 16 + 4 * c + 1 < n;
-          const bool ok2 = tile * 16 + 4 * c + 2 < n, ok3 = tile * 16 + 4 * c + 3 < n;
-          auto z = [&](int i) { return qmath::ZeroFromBits(D, static_cast<uint8_t>(vzb[u] >> (8 * i))); };
-          sub01 = MakeSub<D>(ok0 ? z(0) : 0.0f, ok1 ? z(1) : 0.0f);
-          sub23 = MakeSub<D>(ok2 ? z(2) : 0.0f, ok3 ? z(3) : 0.0f);
-        } else {
-          sub01 = sub23 = MakeSub<D>(0.0f, 0.0f);
-        }
+        uint32_t zb = 0u;  // zero-point bytes of tokens 4c .. 4c+3
+        if constexpr (kDynamic) zb = *reinterpret_cast<const uint32_t*>(sm + 80 + 4 * c);
+        sub01 = SubFromBytes<D>(zb, 0x4140u);
+        sub23 = SubFromBytes<D>(zb, 0x4342u);
       }
 #pragma unroll
-      for (int i = 0; i < Cfg::kUpl; ++i) {
-        const uint32_t words[4] = {vw[u][0][i], vw[u][1][i], vw[u][2][i], vw[u][3][i]};
+      for (int u = 0; u < Cfg::kUpl; ++u) {
+        const uint32_t words[4] = {vw[0][u], vw[1][u], vw[2][u], vw[3][u]};
         uint32_t a[VOp::kBlocks][4];
         VOp::Build(words, sub01, sub23, a);
 #pragma unroll
         for (int b = 0; b < VOp::kBlocks; ++b) {
-          float(&d)[4] = acc[i * VOp::kBlocks + b];
-          Mma16816(d, a[b][0], a[b][1], a[b][2], a[b][3], bh0, bh1);
-          Mma16816(d, a[b][0], a[b][1], a[b][2], a[b][3], bl0, bl1);
+          float(&o)[4] = acc[u * VOp::kBlocks + b];
+          Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bh0, bh1);
+          Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bl0, bl1);
         }
       }
     }
+    rd_slot = rd_slot + 1 == kS ? 0 : rd_slot + 1;
+    __syncwarp();  // all lanes are done with this slot and with `trans`
   }
-  __syncthreads();  // logits are dead: reuse the region
-  float* red = smem;  // [warps][G][HD]
+  CpAsyncWait<0>();  // only empty groups can be pending; the ring becomes the output area
+  __syncwarp();
+
+  // ---- combine: lanes, then warps ----
 #pragma unroll
-  for (int i = 0; i < Cfg::kUpl; ++i) {
-    const int unit = VUnit<Cfg>(g, i);
+  for (int k = 0; k < 2; ++k) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) lsum[k] += __shfl_xor_sync(0xffffffffu, lsum[k], o);
+  }
+  float* red = reinterpret_cast<float*>(ring);  // [G][HD], this warp's share
+#pragma unroll
+  for (int u = 0; u < Cfg::kUpl; ++u) {
+    const int unit = VUnit<Cfg>(g, u);
     if (unit >= Cfg::kUnits) continue;
 #pragma unroll
     for (int b = 0; b < VOp::kBlocks; ++b) {
@@ -579,31 +702,48 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       for (int k = 0; k < 2; ++k) {
         const int h = 2 * c + k;
         if (h < G) {
-          red[(warp * G + h) * HD + d0] = acc[i * VOp::kBlocks + b][k];
-          red[(warp * G + h) * HD + d0 + 1] = acc[i * VOp::kBlocks + b][2 + k];
+          red[h * HD + d0] = acc[u * VOp::kBlocks + b][k];
+          red[h * HD + d0 + 1] = acc[u * VOp::kBlocks + b][2 + k];
         }
+      }
+    }
+  }
+  if (g == 0) {
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      if (2 * c + k < G) {
+        stat_r[warp * 8 + 2 * c + k] = ref[k];  // -inf for a warp without tiles
+        stat_l[warp * 8 + 2 * c + k] = lsum[k];
       }
     }
   }
   __syncthreads();
   for (int i = tid; i < G * HD; i += kMmaThreads) {
-    float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) v += red[w * G * HD + i];
     const int h = i / HD, d = i % HD;
-    v *= 1.0f / sml[2 * G + h];  // exact: f is a power of two
+    float rmax = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) rmax = fmaxf(rmax, stat_r[w * 8 + h]);
+    // rmax is finite: warp 0 has tile 0.
+    float v = 0.0f, l = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) {
+      const float f = exp2f(stat_r[w * 8 + h] - rmax);
+      v = fmaf(reinterpret_cast<const float*>(mma_smem + w * Smem::kWarpBytes)[i], f, v);
+      l = fmaf(stat_l[w * 8 + h], f, l);
+    }
+    v *= 1.0f / kWeightScale;  // exact
     if constexpr (kStatic) {
-      if constexpr (kInt) v = fmaf(-static_vz, sml[G + h], v);
+      if constexpr (kInt) v = fmaf(-static_vz, l, v);
       v *= static_vs;
     }
     if (nsplit == 1) {
-      p.out[(static_cast<int64_t>(token) * p.num_heads + head0 + h) * HD + d] = v / sml[G + h];
+      p.out[(static_cast<int64_t>(token) * p.num_heads + head0 + h) * HD + d] = v / l;
     } else {
       const int64_t part = (static_cast<int64_t>(seq) * p.num_heads + head0 + h) * p.max_splits + split;
       p.part_out[part * HD + d] = v;
       if (d == 0) {
-        p.part_ml[part * 2] = sml[h];
-        p.part_ml[part * 2 + 1] = sml[G + h];
+        p.part_ml[part * 2] = rmax;  // the reference of `v` and `l` (log2 domain)
+        p.part_ml[part * 2 + 1] = l;
       }
     }
   }
