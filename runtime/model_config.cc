@@ -3,6 +3,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "runtime/status_macros.h"
@@ -143,7 +144,18 @@ absl::Status ValidateModelConfig(const ModelConfig& c, const std::string& source
   return absl::OkStatus();
 }
 
-absl::StatusOr<ModelConfig> NamedModelShape(const std::string& name) {
+absl::StatusOr<ModelConfig> NamedModelShape(const std::string& shape) {
+  // "NAME" or "NAME:CONTEXT" (a longer max_position_embeddings, e.g. for
+  // long-context benchmarks on random weights).
+  std::string name = shape;
+  int32_t context = 0;
+  if (const size_t colon = shape.find(':'); colon != std::string::npos) {
+    name = shape.substr(0, colon);
+    if (!absl::SimpleAtoi(shape.substr(colon + 1), &context) || context < 16 || context > (1 << 20)) {
+      return absl::InvalidArgumentError(absl::StrCat("model shape \"", shape,
+                                                     "\": the context after ':' must be in [16, 1048576]"));
+    }
+  }
   ModelConfig c;
   c.torch_dtype = WeightDtype::kFp16;
   c.vocab_size = 32000;
@@ -167,9 +179,11 @@ absl::StatusOr<ModelConfig> NamedModelShape(const std::string& name) {
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown model shape \"", name,
-        "\" (known: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, stories15m)"));
+        "\" (known: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, stories15m; NAME:CONTEXT "
+        "sets the context)"));
   }
   c.head_dim = c.hidden_size / c.num_heads;
+  if (context > 0) c.max_position_embeddings = context;
   return c;
 }
 

@@ -44,7 +44,7 @@ absl::StatusOr<ModelConfig> LoadHfConfig(const std::string& path);
 absl::Status ValidateModelConfig(const ModelConfig& config, const std::string& source);
 
 // Named shapes for --load-format dummy: llama-2-7b, llama-2-13b, llama-2-70b,
-// llama-3-8b, stories15m.
-absl::StatusOr<ModelConfig> NamedModelShape(const std::string& name);
+// llama-3-8b, stories15m; "NAME:CONTEXT" overrides max_position_embeddings.
+absl::StatusOr<ModelConfig> NamedModelShape(const std::string& shape);
 
 }  // namespace strata

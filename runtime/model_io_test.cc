@@ -328,6 +328,12 @@ TEST(NamedShapes, KnownAndUnknown) {
   EXPECT_EQ(c->head_dim, 128);
   EXPECT_NEAR(c->num_parameters() / 1e9, 69.0, 1.0);
   EXPECT_FALSE(NamedModelShape("gpt-5").ok());
+  auto longer = NamedModelShape("llama-2-7b:20480");
+  ASSERT_TRUE(longer.ok());
+  EXPECT_EQ(longer->max_position_embeddings, 20480);
+  EXPECT_EQ(longer->hidden_size, 4096);
+  EXPECT_FALSE(NamedModelShape("llama-2-7b:x").ok());
+  EXPECT_FALSE(NamedModelShape("llama-2-7b:0").ok());
 }
 
 }  // namespace

@@ -15,7 +15,8 @@
 #         serve    `strata serve --device cuda` end to end (tests/serving_gpu_test.cc;
 #                  STRATA_GPU_TP picks the tp sizes, default "1 2 4" up to the GPUs)
 #         tp       tensor-parallel decode step time (bench/tp_decode_bench.cc)
-#         sbench   the serving benchmark against `strata serve` (SBENCH_* below)
+#         sbench   the serving benchmark against `strata serve` (SBENCH_* in sbench())
+#         peer     bench/peer_hf.py, the transformers generation loop (PEER_ARGS)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=.gpu_session
@@ -60,41 +61,57 @@ bundle() {
 }
 
 sbench() {  # the serving benchmark: one server per KV format, each workload
+  # SBENCH_MODEL (llama-2-7b), SBENCH_TP (1), SBENCH_KV ("fp16 int8"; dtype or
+  # dtype:scale_mode), SBENCH_WORKLOADS ("sharegpt:400"; workload:num_prompts),
+  # SBENCH_ARGS (extra client flags), SBENCH_SERVE_ARGS (extra serve flags).
   local out=$1 work=$2
   local model=${SBENCH_MODEL:-llama-2-7b} tp=${SBENCH_TP:-1}
   local kvs=${SBENCH_KV:-fp16 int8}
-  local workloads=${SBENCH_WORKLOADS:-sharegpt}
-  local extra=${SBENCH_SERVE_ARGS:-}
-  local port=50700
+  local workloads=${SBENCH_WORKLOADS:-sharegpt:400}
+  local port=${SBENCH_PORT:-50700}
+  local kv
   for kv in $kvs; do
-    local dtype=${kv%%:*} mode=""
-    [[ $kv == *:* ]] && mode="--kv-scale-mode ${kv#*:}"
-    local tag="${model}_tp${tp}_${dtype}${mode:+_${kv#*:}}"
+    local dtype=${kv%%:*} mode_args=() suffix=""
+    if [[ $kv == *:* ]]; then mode_args=(--kv-scale-mode "${kv#*:}"); suffix="_${kv#*:}"; fi
+    local tag="${model//:/_ctx}_tp${tp}_${dtype}${suffix}${SBENCH_TAG:-}"
+    # shellcheck disable=SC2086
     "$work/strata" serve --device cuda --tp "$tp" --load-format dummy --model "$model" \
       --tokenizer "$STRATA_DATA_DIR/models/stories15M-fp16" --worker-binary "$work/strata-worker" \
-      --kv-cache-dtype "$dtype" $mode --port $port --metrics-port $((port + 1)) --shutdown-grace 1 $extra \
+      --kv-cache-dtype "$dtype" "${mode_args[@]}" --host 127.0.0.1 --port "$port" \
+      --metrics-port $((port + 1)) --shutdown-grace 1 ${SBENCH_SERVE_ARGS:-} \
       > "$out/serve_$tag.log" 2>&1 &
-    local pid=$!
-    local ok=0
-    for _ in $(seq 1 240); do
+    local pid=$! ok=0
+    for _ in $(seq 1 360); do
       grep -q "ready on" "$out/serve_$tag.log" && { ok=1; break; }
       kill -0 $pid 2>/dev/null || break
       sleep 0.5
     done
-    if [[ $ok != 1 ]]; then echo "server $tag did not start"; tail -20 "$out/serve_$tag.log"; kill $pid 2>/dev/null; continue; fi
-    grep -E "KV cache|KV blocks|ready on" "$out/serve_$tag.log" | tail -4
+    if [[ $ok != 1 ]]; then
+      echo "server $tag did not start"; tail -20 "$out/serve_$tag.log"; kill $pid 2>/dev/null; wait $pid
+      port=$((port + 2)); continue
+    fi
+    grep -E "blocks|ready on" "$out/serve_$tag.log" | tail -3
+    local w
     for w in $workloads; do
-      local wl=${w%%@*} load=${w#*@}
-      [[ $w == *@* ]] || load=""
-      timeout ${SBENCH_TIMEOUT:-150} "$work/strata-serving-bench" --server 127.0.0.1:$port \
-        --metrics-url "http://127.0.0.1:$((port + 1))/metrics" --workload "$wl" ${load} \
-        ${SBENCH_ARGS:-} --label "$tag" --output "$out/sbench_${tag}_${wl}.json" \
-        > "$out/sbench_${tag}_${wl}.log" 2>&1
-      echo "== $tag $wl rc=$?"; tail -12 "$out/sbench_${tag}_${wl}.log"
+      local wl=${w%%:*} n=${w#*:}
+      [[ $w == *:* ]] || n=200
+      # shellcheck disable=SC2086
+      timeout "${SBENCH_TIMEOUT:-150}" "$work/strata-serving-bench" --server "127.0.0.1:$port" \
+        --metrics-url "http://127.0.0.1:$((port + 1))/metrics" --workload "$wl" --num-prompts "$n" \
+        --progress-interval 0 ${SBENCH_ARGS:-} --label "${tag}_${wl}" --no-request-details \
+        --output "$out/sbench_${tag}_${wl}.json" > "$out/sbench_${tag}_${wl}.log" 2>&1
+      echo "== $tag $wl rc=$?"; tail -14 "$out/sbench_${tag}_${wl}.log"
     done
     kill -TERM $pid; wait $pid
     port=$((port + 2))
   done
+}
+
+peer() {  # the Hugging Face transformers generation loop at the same shape
+  local out=$1
+  PYTHONUNBUFFERED=1 timeout "${PEER_TIMEOUT:-200}" python3 bench/peer_hf.py ${PEER_ARGS:-} \
+    --output "$out/peer_hf.json" > "$out/peer_hf.log" 2>&1
+  echo "peer rc=$?"; tail -15 "$out/peer_hf.log"
 }
 
 run() {
@@ -140,6 +157,8 @@ run() {
         cat "$out/tp_decode_bench.log" | tail -30 ;;
       sbench)
         sbench "$out" "$work" ;;
+      peer)
+        peer "$out" ;;
       *) echo "unknown stage $s"; rc=1 ;;
     esac
   done
