@@ -13,13 +13,10 @@
 namespace strata {
 namespace {
 
-std::vector<float> ConcatRows(std::initializer_list<const std::vector<float>*> parts) {
-  size_t n = 0;
-  for (const auto* p : parts) n += p->size();
-  std::vector<float> out;
-  out.reserve(n);
-  for (const auto* p : parts) out.insert(out.end(), p->begin(), p->end());
-  return out;
+template <class T>
+void Free(std::vector<T>& v) {
+  v.clear();
+  v.shrink_to_fit();
 }
 
 uint8_t* AllocPool(int64_t bytes) {
@@ -63,6 +60,9 @@ absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
       return absl::InvalidArgumentError("computing logits needs the LM head (lm_head is empty)");
     }
   }
+  if (options.weight_dtype != WeightDtype::kFp32 && options.weight_dtype != WeightDtype::kFp16) {
+    return absl::UnimplementedError("the CPU engine stores weights in fp32 or fp16");
+  }
   if (!KvFormatSupported(options.kv_format)) {
     return absl::UnimplementedError(
         absl::StrCat("KV cache format ", KvFormatName(options.kv_format), " is not supported"));
@@ -99,16 +99,26 @@ absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
     e->quant_params_ = std::move(quant_params);
   }
 
-  e->wqkv_.resize(c.num_layers);
-  e->wgateup_.resize(c.num_layers);
+  // Pack the projections (the original matrices are freed as we go).
+  const WeightDtype wdt = options.weight_dtype;
+  const int64_t h = c.hidden_size, q = int64_t{dims.num_heads} * c.head_dim;
+  const int64_t kv = int64_t{dims.num_kv_heads} * c.head_dim, f = dims.intermediate;
+  e->packed_.resize(c.num_layers);
   for (int l = 0; l < c.num_layers; ++l) {
     LayerWeights& lw = weights.layers[l];
-    e->wqkv_[l] = ConcatRows({&lw.wq, &lw.wk, &lw.wv});
-    e->wgateup_[l] = ConcatRows({&lw.w_gate, &lw.w_up});
-    lw.wq.clear(), lw.wk.clear(), lw.wv.clear(), lw.w_gate.clear(), lw.w_up.clear();
-    lw.wq.shrink_to_fit(), lw.wk.shrink_to_fit(), lw.wv.shrink_to_fit();
-    lw.w_gate.shrink_to_fit(), lw.w_up.shrink_to_fit();
+    PackedLayer& p = e->packed_[l];
+    p.qkv = cpu::PackedWeights::Pack({{lw.wq.data(), q}, {lw.wk.data(), kv}, {lw.wv.data(), kv}},
+                                     h, wdt);
+    p.o = cpu::PackedWeights::Pack(lw.wo.data(), h, q, wdt);
+    p.gate_up = cpu::PackedWeights::PackPairs(lw.w_gate.data(), lw.w_up.data(), f, h, wdt);
+    p.down = cpu::PackedWeights::Pack(lw.w_down.data(), h, f, wdt);
+    Free(lw.wq), Free(lw.wk), Free(lw.wv), Free(lw.wo);
+    Free(lw.w_gate), Free(lw.w_up), Free(lw.w_down);
   }
+  if (shard.compute_logits) {
+    e->lm_head_ = cpu::PackedWeights::Pack(weights.output_matrix().data(), c.vocab_size, h, wdt);
+  }
+  Free(weights.lm_head);  // the embedding table stays for lookups
   const int32_t max_pos = c.max_position_embeddings;
   e->rope_cos_.resize(static_cast<size_t>(max_pos) * c.head_dim / 2);
   e->rope_sin_.resize(e->rope_cos_.size());
@@ -223,20 +233,19 @@ void CpuEngine::EnsureScratch(int64_t tokens) {
   k_.resize(tokens * kv);
   v_.resize(tokens * kv);
   attn_.resize(tokens * q);
-  gu_.resize(tokens * 2 * f);
   act_.resize(tokens * f);
   if (shard_.shard.sharded()) partial_.resize(tokens * d);
   scratch_tokens_ = tokens;
 }
 
-absl::Status CpuEngine::RowParallelAccumulate(const float* y, const float* w, float* x,
-                                              int64_t tokens, int64_t in_features) {
+absl::Status CpuEngine::RowParallelAccumulate(const float* y, const cpu::PackedWeights& w,
+                                              float* x, int64_t tokens) {
   const int64_t d = weights_.config.hidden_size;
   if (!shard_.shard.sharded()) {
-    cpu::Linear(y, w, x, tokens, d, in_features, /*accumulate=*/true);
+    cpu::PackedLinear(y, w, x, tokens, cpu::Epilogue::kAccumulate);
     return absl::OkStatus();
   }
-  cpu::Linear(y, w, partial_.data(), tokens, d, in_features);
+  cpu::PackedLinear(y, w, partial_.data(), tokens, cpu::Epilogue::kStore);
   RETURN_IF_ERROR(shard_.collectives->AllReduceSum(partial_.data(), tokens * d));
   cpu::AddInPlace(x, partial_.data(), tokens * d);
   return absl::OkStatus();
@@ -249,7 +258,7 @@ absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
   // This shard's sizes (the whole model's when unsharded).
   const int32_t heads = dims_.num_heads, kv_heads = dims_.num_kv_heads;
   const int64_t d = c.hidden_size, q = int64_t{heads} * c.head_dim;
-  const int64_t kv = int64_t{kv_heads} * c.head_dim, f = dims_.intermediate;
+  const int64_t kv = int64_t{kv_heads} * c.head_dim;
   const int32_t bs = options_.block_size;
   const int32_t n = static_cast<int32_t>(input.seqs.size());
 
@@ -289,8 +298,9 @@ absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
   const int64_t qkv_w = q + 2 * kv;
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& lw = weights_.layers[l];
+    const PackedLayer& pl = packed_[l];
     cpu::RmsNorm(x, lw.attn_norm.data(), h, T, d, c.rms_norm_eps);
-    cpu::Linear(h, wqkv_[l].data(), qkv_.data(), T, qkv_w, d);
+    cpu::PackedLinear(h, pl.qkv, qkv_.data(), T, cpu::Epilogue::kStore);
     for (int64_t t = 0; t < T; ++t) {
       const float* row = qkv_.data() + t * qkv_w;
       std::memcpy(q_.data() + t * q, row, sizeof(float) * q);
@@ -302,15 +312,11 @@ absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
     if (observer_) observer_(l, q_.data(), k_.data(), v_.data(), T);
     cpu::WriteKvCache(views_[l], k_.data(), v_.data(), slots.data(), static_cast<int32_t>(T));
     cpu::PagedAttention(views_[l], batch, q_.data(), heads, softmax_scale, attn_.data());
-    RETURN_IF_ERROR(RowParallelAccumulate(attn_.data(), lw.wo.data(), x, T, q));
+    RETURN_IF_ERROR(RowParallelAccumulate(attn_.data(), pl.o, x, T));
 
     cpu::RmsNorm(x, lw.mlp_norm.data(), h, T, d, c.rms_norm_eps);
-    cpu::Linear(h, wgateup_[l].data(), gu_.data(), T, 2 * f, d);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* row = gu_.data() + t * 2 * f;
-      cpu::SiluMul(row, row + f, act_.data() + t * f, f);
-    }
-    RETURN_IF_ERROR(RowParallelAccumulate(act_.data(), lw.w_down.data(), x, T, f));
+    cpu::PackedLinear(h, pl.gate_up, act_.data(), T, cpu::Epilogue::kSiluMul);  // silu(gate) * up
+    RETURN_IF_ERROR(RowParallelAccumulate(act_.data(), pl.down, x, T));
   }
 
   // Logits for the requested rows only.
@@ -332,7 +338,7 @@ absl::Status CpuEngine::Step(const StepInput& input, StepOutput* output) {
     for (int64_t r = 0; r < R; ++r) {
       cpu::RmsNorm(x + rows[r] * d, weights_.final_norm.data(), h + r * d, 1, d, c.rms_norm_eps);
     }
-    cpu::Linear(h, weights_.output_matrix().data(), output->logits.data(), R, c.vocab_size, d);
+    cpu::PackedLinear(h, lm_head_, output->logits.data(), R, cpu::Epilogue::kStore);
   }
   return absl::OkStatus();
 }

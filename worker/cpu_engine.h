@@ -1,6 +1,7 @@
-// The CPU engine: fp32 LLaMA forward pass over a paged, quantized KV cache
-// held in main memory. GEMMs through OpenBLAS, attention and cache kernels
-// from kernels/cpu (OpenMP).
+// The CPU engine: LLaMA forward pass over a paged, quantized KV cache held in
+// main memory, fp32 activations. Projection weights are packed at creation
+// for kernels/cpu/gemm_cpu.h, in fp32 or (EngineOptions::weight_dtype) fp16;
+// attention and cache kernels from kernels/cpu (OpenMP).
 //
 // Tensor parallelism: with a CpuShardOptions of world_size > 1 the engine is
 // one rank of a sharded model (worker/shard.h): it takes that rank's weights,
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/cpu/gemm_cpu.h"
 #include "kernels/cpu/ops_cpu.h"
 #include "kernels/kv_cache_view.h"
 #include "runtime/kv_quant_params.h"
@@ -66,8 +68,8 @@ class CpuEngine final : public Engine {
   void EnsureScratch(int64_t tokens);
   // x += y @ w^T for a row-parallel projection: directly when unsharded, else
   // through a partial product summed over the ranks.
-  absl::Status RowParallelAccumulate(const float* y, const float* w, float* x, int64_t tokens,
-                                     int64_t in_features);
+  absl::Status RowParallelAccumulate(const float* y, const cpu::PackedWeights& w, float* x,
+                                     int64_t tokens);
 
   struct AlignedFree {
     void operator()(uint8_t* p) const;
@@ -79,8 +81,14 @@ class CpuEngine final : public Engine {
   LayerObserver observer_;
   CpuShardOptions shard_;
   ShardDims dims_;
-  // Fused projections: [q; k; v] rows and [gate; up] rows, per layer.
-  std::vector<std::vector<float>> wqkv_, wgateup_;
+  // Packed projections per layer: [q; k; v] rows stacked, o, gate/up as
+  // pairs (SwiGLU in the GEMM's epilogue), down. The unpacked matrices are
+  // freed at creation (weights_ keeps embeddings and norms).
+  struct PackedLayer {
+    cpu::PackedWeights qkv, o, gate_up, down;
+  };
+  std::vector<PackedLayer> packed_;
+  cpu::PackedWeights lm_head_;  // empty unless shard_.compute_logits
   std::vector<float> rope_cos_, rope_sin_;
   cpu::RopeTable rope_;
 
@@ -92,7 +100,7 @@ class CpuEngine final : public Engine {
 
   // Scratch, grown on demand.
   int64_t scratch_tokens_ = 0;
-  std::vector<float> x_, h_, qkv_, q_, k_, v_, attn_, gu_, act_, partial_;
+  std::vector<float> x_, h_, qkv_, q_, k_, v_, attn_, act_, partial_;
 };
 
 }  // namespace strata

@@ -65,6 +65,11 @@ struct EngineOptions {
   int32_t block_size = 16;
   int32_t num_gpu_blocks = 0;  // device (or main-memory, for the CPU engine) KV blocks
   int32_t num_cpu_blocks = 0;  // swap blocks
+  // CPU engine: storage dtype of the projection and LM-head weights, kFp32
+  // (exact) or kFp16 (rounded to nearest even at load; exact for an fp16
+  // checkpoint; computed in fp32). Embeddings and norms stay fp32. The CUDA
+  // engine takes its weight dtype from CudaEngineOptions instead.
+  WeightDtype weight_dtype = WeightDtype::kFp32;
 };
 
 class Engine {

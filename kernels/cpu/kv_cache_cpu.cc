@@ -248,7 +248,8 @@ void WriteKvCache(const KvCacheView& cache, const float* key, const float* value
   const int64_t row_stride = int64_t{l.num_kv_heads} * l.head_dim;
   VisitFormat(l.format, [&](auto codec) {
     using C = decltype(codec);
-#pragma omp parallel for schedule(static)
+    // A decode step's few rows are not worth waking the thread team.
+#pragma omp parallel for schedule(static) if (int64_t{num_tokens} * row_stride >= 16384)
     for (int32_t t = 0; t < num_tokens; ++t) {
       const int64_t slot = slot_mapping[t];
       if (slot < 0) continue;  // padding
