@@ -33,14 +33,23 @@ target_include_directories(strata_worker_rpc PUBLIC ${STRATA_TP_ROOT})
 target_link_libraries(strata_worker_rpc PUBLIC strata_cpu_engine strata_collectives strata_proto_worker
                       strata_sampling strata_block_manager spdlog::spdlog gRPC::grpc++)
 
-# With CUDA, workers run the GPU engine when the scheduler asks for --device cuda.
-if(STRATA_HAVE_CUDA AND NCCL_LIBRARY)
-  target_link_libraries(strata_worker_rpc PUBLIC strata_cuda_engine strata_collectives_nccl)
-  target_compile_definitions(strata_worker_rpc PRIVATE STRATA_HAVE_CUDA=1)
-endif()
-
+# With CUDA, the strata-worker executable runs the GPU engine when the scheduler
+# asks for --device cuda: it links a CUDA build of the same sources. The
+# scheduler and the tests keep linking strata_worker_rpc, which needs no CUDA.
 add_executable(strata-worker ${STRATA_TP_WORKER_DIR}/worker_main.cc)
-target_link_libraries(strata-worker PRIVATE strata_worker_rpc CLI11::CLI11 spdlog::spdlog)
+if(STRATA_HAVE_CUDA AND NCCL_LIBRARY)
+  add_library(strata_worker_rpc_cuda STATIC
+    ${STRATA_TP_WORKER_DIR}/worker_service.cc
+    ${STRATA_TP_WORKER_DIR}/collectives_grpc_store.cc)
+  target_include_directories(strata_worker_rpc_cuda PUBLIC ${STRATA_TP_ROOT})
+  target_link_libraries(strata_worker_rpc_cuda PUBLIC strata_cpu_engine strata_collectives strata_proto_worker
+                        strata_sampling strata_block_manager spdlog::spdlog gRPC::grpc++
+                        strata_cuda_engine strata_collectives_nccl)
+  target_compile_definitions(strata_worker_rpc_cuda PRIVATE STRATA_HAVE_CUDA=1)
+  target_link_libraries(strata-worker PRIVATE strata_worker_rpc_cuda CLI11::CLI11 spdlog::spdlog)
+else()
+  target_link_libraries(strata-worker PRIVATE strata_worker_rpc CLI11::CLI11 spdlog::spdlog)
+endif()
 
 strata_cc_test(worker_collectives_test
   SRCS ${STRATA_TP_WORKER_DIR}/collectives_test.cc

@@ -172,6 +172,19 @@ def build():
                      f"clamp_min(sum(rate(strata_step_duration_seconds_count[{RI}]) {JOIN}), 1e-9)",
                      "mean")], minimum=0))
 
+    g.row("Workers (tensor-parallel ranks)")
+    g.line(
+        timeseries("Worker forward time", "Forward pass of one step per rank, median and p95 "
+                   "(a slow rank holds up the whole group)", "s",
+                   [(f"histogram_quantile({q}, sum by (le, rank) "
+                     f"(rate(strata_worker_step_duration_seconds_bucket[{RI}]) {JOIN}))",
+                     f"rank {{{{rank}}}} {n}") for q, n in [("0.5", "p50"), ("0.95", "p95")]],
+                   minimum=0),
+        timeseries("Worker memory", "Memory per rank by use (device memory on GPU ranks; "
+                   "KV and swap pools on CPU ranks)", "bytes",
+                   [(f"sum by (rank, kind) (strata_worker_device_memory_bytes {JOIN})",
+                     "rank {{rank}} {{kind}}")], minimum=0))
+
     def var(name, label, query):
         return {"name": name, "label": label, "type": "query", "datasource": DS,
                 "definition": query, "query": {"query": query, "refId": f"{name}-var"},
