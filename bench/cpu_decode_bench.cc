@@ -1,60 +1,157 @@
 // CPU decode throughput on a real model: tokens/s at batch 1 and batched
 // throughput at larger batches (greedy, fixed output length, fp32 KV cache
-// unless told otherwise). Prints numbers; it is not a test.
+// unless told otherwise), for each weight storage dtype of the CPU engine.
+// Prints numbers; it is not a test.
 //
 //   cpu_decode_bench --model ../shared/data/models/stories15M --batches 1,16
+//
+// Timings on a shared machine are noisy, so every repeat runs all (weight
+// dtype, batch) cells back to back and the table shows the best and the
+// median per cell; the load average before and after is printed. OpenMP's
+// wait policy is read by the runtime at start-up: --omp-wait-policy re-runs
+// the program with OMP_WAIT_POLICY set (the header says what was used).
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "kernels/cpu/gemm_cpu.h"
 #include "kernels/cpu/ops_cpu.h"
+#include "runtime/kv_format_util.h"
+#include "runtime/tokenizer.h"
+#include "runtime/weights.h"
+#include "worker/cpu_engine.h"
 #include "worker/offline_generator.h"
 
 using namespace strata;
 
+namespace {
+
+std::string LoadAverage() {
+  std::ifstream f("/proc/loadavg");
+  std::string a, b, c;
+  f >> a >> b >> c;
+  return a + " " + b + " " + c;
+}
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? v : "unset";
+}
+
+struct Cell {
+  std::string dtype;
+  int batch = 0;
+  std::vector<double> tps;  // one per repeat
+};
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"CPU decode benchmark"};
-  OfflineOptions opts;
-  opts.model_path = "../shared/data/models/stories15M";
-  opts.kv_cache_dtype = "fp32";
+  std::string model = "../shared/data/models/stories15M", kv_dtype = "fp32", wait_policy;
+  std::vector<std::string> weight_dtypes = {"fp32", "fp16"};
   std::vector<int> batches = {1, 16};
   int prompt_len = 8, gen_len = 200, repeats = 3;
-  app.add_option("--model", opts.model_path)->capture_default_str();
-  app.add_option("--kv-cache-dtype", opts.kv_cache_dtype)->capture_default_str();
+  app.add_option("--model", model)->capture_default_str();
+  app.add_option("--kv-cache-dtype", kv_dtype)->capture_default_str();
+  app.add_option("--weight-dtypes", weight_dtypes, "CPU engine weight storage: fp32, fp16")
+      ->delimiter(',')
+      ->capture_default_str();
   app.add_option("--batches", batches)->delimiter(',')->capture_default_str();
   app.add_option("--prompt-len", prompt_len)->capture_default_str();
   app.add_option("--gen-len", gen_len)->capture_default_str();
   app.add_option("--repeats", repeats)->capture_default_str();
+  app.add_option("--omp-wait-policy", wait_policy,
+                 "re-run with OMP_WAIT_POLICY set to this (active, passive); default: as inherited");
   CLI11_PARSE(app, argc, argv);
 
-  auto gen = OfflineGenerator::Create(opts);
-  if (!gen.ok()) {
-    std::fprintf(stderr, "cpu_decode_bench: %s\n", std::string(gen.status().message()).c_str());
+  if (!wait_policy.empty() && Env("OMP_WAIT_POLICY") != wait_policy) {
+    setenv("OMP_WAIT_POLICY", wait_policy.c_str(), 1);
+    execv("/proc/self/exe", argv);
+    std::perror("cpu_decode_bench: re-exec");
     return 2;
   }
-  std::printf("model %s, kv %s, threads %d, prompt %d, generate %d tokens per sequence\n",
-              opts.model_path.c_str(), opts.kv_cache_dtype.c_str(), cpu::NumThreads(), prompt_len,
-              gen_len);
-  std::printf("%6s %14s %14s %12s\n", "batch", "tokens/s", "ms/step", "vs batch 1");
-  double base = 0;
-  for (int b : batches) {
-    std::vector<GenerateRequest> reqs(b);
-    for (int i = 0; i < b; ++i) {
-      reqs[i].prompt_ids.push_back(1);
-      for (int t = 1; t < prompt_len; ++t) reqs[i].prompt_ids.push_back(100 + (i * 7 + t * 13) % 5000);
-      reqs[i].max_new_tokens = gen_len;
+
+  auto weights = LoadModelWeights(model);
+  if (!weights.ok()) {
+    std::fprintf(stderr, "cpu_decode_bench: %s\n", std::string(weights.status().message()).c_str());
+    return 2;
+  }
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::is_directory(model) ? fs::path(model) : fs::path(model).parent_path();
+  std::vector<std::unique_ptr<OfflineGenerator>> gens;
+  for (const std::string& wd : weight_dtypes) {
+    EngineOptions eo;
+    if (wd == "fp32") {
+      eo.weight_dtype = WeightDtype::kFp32;
+    } else if (wd == "fp16") {
+      eo.weight_dtype = WeightDtype::kFp16;
+    } else {
+      std::fprintf(stderr, "cpu_decode_bench: --weight-dtypes: unknown %s\n", wd.c_str());
+      return 2;
     }
-    double best = 0;
-    for (int r = 0; r < repeats; ++r) {
+    auto kv = ParseKvFormat(kv_dtype, "", weights->source_dtype);
+    auto tok = Tokenizer::LoadFromDirectory(dir.string());
+    if (!kv.ok() || !tok.ok()) {
+      std::fprintf(stderr, "cpu_decode_bench: %s\n",
+                   std::string((kv.ok() ? tok.status() : kv.status()).message()).c_str());
+      return 2;
+    }
+    eo.kv_format = *kv;
+    eo.block_size = 16;
+    const int32_t per_seq = (weights->config.max_position_embeddings + 15) / 16;
+    eo.num_gpu_blocks = per_seq * std::max(16, *std::max_element(batches.begin(), batches.end()));
+    auto engine = CpuEngine::Create(*weights, eo);
+    if (!engine.ok()) {
+      std::fprintf(stderr, "cpu_decode_bench: %s\n", std::string(engine.status().message()).c_str());
+      return 2;
+    }
+    OfflineOptions oo;
+    oo.model_path = model;
+    oo.kv_cache_dtype = kv_dtype;
+    gens.push_back(std::make_unique<OfflineGenerator>(std::move(*engine), std::move(*tok), oo));
+  }
+  weights->layers.clear();
+
+  std::printf("model %s, kv %s, prompt %d, generate %d tokens per sequence, %d repeats\n",
+              model.c_str(), kv_dtype.c_str(), prompt_len, gen_len, repeats);
+  std::printf("threads %d, OMP_WAIT_POLICY %s, GOMP_SPINCOUNT %s, AVX-512 GEMM %s\n",
+              cpu::NumThreads(), Env("OMP_WAIT_POLICY").c_str(), Env("GOMP_SPINCOUNT").c_str(),
+              cpu::CpuHasAvx512() ? "yes" : "no (portable)");
+  std::printf("load average before: %s\n", LoadAverage().c_str());
+
+  std::vector<Cell> cells;
+  for (const std::string& wd : weight_dtypes) {
+    for (int b : batches) cells.push_back({wd, b, {}});
+  }
+  // Every repeat measures every cell, so slow phases of a loaded machine
+  // spread over all of them instead of hitting one.
+  for (int r = 0; r < repeats; ++r) {
+    for (size_t ci = 0; ci < cells.size(); ++ci) {
+      Cell& cell = cells[ci];
+      OfflineGenerator& gen = *gens[ci / batches.size()];
+      const int b = cell.batch;
+      std::vector<GenerateRequest> reqs(b);
+      for (int i = 0; i < b; ++i) {
+        reqs[i].prompt_ids.push_back(1);
+        for (int t = 1; t < prompt_len; ++t) reqs[i].prompt_ids.push_back(100 + (i * 7 + t * 13) % 5000);
+        reqs[i].max_new_tokens = gen_len;
+      }
       // Time prefill separately so the figure is decode throughput.
       std::vector<GenerateRequest> warm = reqs;
       for (auto& w : warm) w.max_new_tokens = 1;
       const auto t0 = std::chrono::steady_clock::now();
-      auto p = (*gen)->Generate(warm);
+      auto p = gen.Generate(warm);
       const auto t1 = std::chrono::steady_clock::now();
-      auto res = (*gen)->Generate(reqs);
+      auto res = gen.Generate(reqs);
       const auto t2 = std::chrono::steady_clock::now();
       if (!p.ok() || !res.ok()) {
         std::fprintf(stderr, "generation failed\n");
@@ -62,11 +159,20 @@ int main(int argc, char** argv) {
       }
       const double prefill = std::chrono::duration<double>(t1 - t0).count();
       const double total = std::chrono::duration<double>(t2 - t1).count() - prefill;
-      const double tps = double(b) * (gen_len - 1) / total;
-      best = std::max(best, tps);
+      cell.tps.push_back(double(b) * (gen_len - 1) / total);
     }
-    if (b == batches.front()) base = best;
-    std::printf("%6d %14.1f %14.3f %11.2fx\n", b, best, 1000.0 * b / best, best / base);
+  }
+  std::printf("load average after:  %s\n", LoadAverage().c_str());
+
+  std::printf("%8s %6s %14s %14s %12s %12s\n", "weights", "batch", "best tok/s", "median tok/s",
+              "ms/step", "vs batch 1");
+  for (size_t ci = 0; ci < cells.size(); ++ci) {
+    Cell& c = cells[ci];
+    std::sort(c.tps.begin(), c.tps.end());
+    const double best = c.tps.back(), median = c.tps[c.tps.size() / 2];
+    const double base = cells[ci - ci % batches.size()].tps.back();  // this dtype's first batch
+    std::printf("%8s %6d %14.1f %14.1f %12.3f %11.2fx\n", c.dtype.c_str(), c.batch, best, median,
+                1000.0 * c.batch / best, best / base);
   }
   return 0;
 }

@@ -142,16 +142,39 @@ const float* ReadRow(const KvCacheView& c, int64_t block, int off, int h, bool i
   }
 }
 
-// fp32 dot product with 8 independent partial sums (vectorizes without
-// reassociation flags).
+// fp32 dot product with 16 independent partial sums (one vector register;
+// vectorizes without reassociation flags), summed as a tree.
 inline float Dot(const float* a, const float* b, int n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float acc[16] = {};
   int i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+  for (; i + 16 <= n; i += 16) {
+    for (int k = 0; k < 16; ++k) acc[k] += a[i + k] * b[i + k];
   }
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (int k = 0; i < n; ++i, ++k) acc[k] += a[i] * b[i];
+  for (int w = 8; w >= 1; w /= 2) {
+    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+  }
+  return acc[0];
+}
+
+// out[0, 16) = sum over positions t in [0, n) of p[t] * v[t * stride + (0, 16)],
+// with four partial sums over t so the additions do not wait on each other.
+inline void WeightedRows16(const float* p, const float* v, int64_t stride, int32_t n, float* out) {
+  float a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {};
+  int32_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    const float* r = v + t * stride;
+    for (int x = 0; x < 16; ++x) {
+      a0[x] += p[t] * r[x];
+      a1[x] += p[t + 1] * r[stride + x];
+      a2[x] += p[t + 2] * r[2 * stride + x];
+      a3[x] += p[t + 3] * r[3 * stride + x];
+    }
+  }
+  for (; t < n; ++t) {
+    for (int x = 0; x < 16; ++x) a0[x] += p[t] * v[t * stride + x];
+  }
+  for (int x = 0; x < 16; ++x) out[x] += (a0[x] + a1[x]) + (a2[x] + a3[x]);
 }
 
 inline void Axpy(float a, const float* x, float* y, int n) {
@@ -172,7 +195,28 @@ struct Scratch {
   std::vector<float> acc;     // [rows][head_dim]
   std::vector<float> sums;    // [rows]
   std::vector<float> row;     // [head_dim]
+  std::vector<const float*> qrows;  // [rows]: query row r
 };
+
+// Asks for one head's K (or V) rows of a block ahead of use: blocks are
+// scattered, so the hardware prefetcher starts cold on each.
+inline void PrefetchHeadRows(const KvCacheView& c, int32_t block, int h, bool is_v) {
+  const KvBlockLayout& l = c.layout;
+  const uint8_t* p = c.block(block) + (is_v ? l.v_data : l.k_data) + l.data_row(h, 0);
+  const int64_t bytes = int64_t{l.block_size} * l.token_bytes;
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+}
+
+// Normalized output rows of a tile (row r = token i * group + g).
+void WriteRows(const Scratch& sc, int rows, int group, int32_t first_token, int num_heads,
+               int kv_head, int hd, float* out) {
+  for (int r = 0; r < rows; ++r) {
+    const int i = r / group, g = r % group;
+    float* o = out + (int64_t{first_token + i} * num_heads + kv_head * group + g) * hd;
+    const float* a = &sc.acc[static_cast<size_t>(r) * hd];
+    for (int d = 0; d < hd; ++d) o[d] = a[d] / sc.sums[r];
+  }
+}
 
 template <class C>
 void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const WorkItem& it,
@@ -192,22 +236,28 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
   const int32_t* table = batch.block_tables + int64_t{it.seq} * batch.max_blocks_per_seq;
   STRATA_CHECK_LE((npos + bs - 1) / bs, batch.max_blocks_per_seq);
 
-  auto qrow = [&](int r) {
+  sc.qrows.resize(rows);
+  for (int r = 0; r < rows; ++r) {
     const int i = r / group, g = r % group;
-    return query + (int64_t{q0 + it.first + i} * num_heads + it.kv_head * group + g) * hd;
-  };
+    sc.qrows[r] = query + (int64_t{q0 + it.first + i} * num_heads + it.kv_head * group + g) * hd;
+  }
+  const float* const* qrow = sc.qrows.data();
   sc.scores.resize(static_cast<size_t>(rows) * npos);
   sc.acc.assign(static_cast<size_t>(rows) * hd, 0.0f);
   sc.sums.resize(rows);
   sc.row.resize(hd);
 
-  // Pass 1: scores. Token i sees positions [0, pos0 + i].
-  for (int32_t j = 0; j < npos; ++j) {
-    const int32_t block = table[j / bs];
+  // Pass 1: scores, block by block. Token i sees positions [0, pos0 + i].
+  for (int32_t b0 = 0; b0 < npos; b0 += bs) {
+    const int32_t block = table[b0 / bs];
     STRATA_DCHECK(block >= 0 && block < cache.num_blocks);
-    const float* k = ReadRow<C>(cache, block, j % bs, it.kv_head, false, sc.row.data());
-    for (int r = std::max(0, j - pos0) * group; r < rows; ++r) {
-      sc.scores[static_cast<size_t>(r) * npos + j] = Dot(qrow(r), k, hd) * softmax_scale;
+    const int32_t end = std::min(npos, b0 + bs);
+    if (end < npos) PrefetchHeadRows(cache, table[end / bs], it.kv_head, false);
+    for (int32_t j = b0; j < end; ++j) {
+      const float* k = ReadRow<C>(cache, block, j - b0, it.kv_head, false, sc.row.data());
+      for (int r = std::max(0, j - pos0) * group; r < rows; ++r) {
+        sc.scores[static_cast<size_t>(r) * npos + j] = Dot(qrow[r], k, hd) * softmax_scale;
+      }
     }
   }
   // Softmax per row (fp32, max-subtracted).
@@ -224,19 +274,37 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
     sc.sums[r] = sum;
   }
   // Pass 2: weighted sum of V.
-  for (int32_t j = 0; j < npos; ++j) {
-    const int32_t block = table[j / bs];
-    const float* v = ReadRow<C>(cache, block, j % bs, it.kv_head, true, sc.row.data());
-    for (int r = std::max(0, j - pos0) * group; r < rows; ++r) {
-      Axpy(sc.scores[static_cast<size_t>(r) * npos + j], v, &sc.acc[static_cast<size_t>(r) * hd], hd);
+  if (npos > 0) PrefetchHeadRows(cache, table[0], it.kv_head, true);
+  if constexpr (C::kDtype == KvDtype::kFp32) {
+    // Rows of one head are contiguous inside a block, and reading them costs
+    // nothing: go row by row, 16 dims at a time, sums in registers.
+    if (hd % 16 == 0) {
+      for (int r = 0; r < rows; ++r) {
+        const float* p = &sc.scores[static_cast<size_t>(r) * npos];
+        const int32_t len = pos0 + r / group + 1;
+        float* acc = &sc.acc[static_cast<size_t>(r) * hd];
+        for (int32_t b0 = 0; b0 < len; b0 += bs) {
+          const float* v = ReadRow<C>(cache, table[b0 / bs], 0, it.kv_head, true, nullptr);
+          const int32_t cnt = std::min(len, b0 + bs) - b0;
+          if (b0 + bs < len) PrefetchHeadRows(cache, table[(b0 + bs) / bs], it.kv_head, true);
+          for (int d0 = 0; d0 < hd; d0 += 16) WeightedRows16(p + b0, v + d0, hd, cnt, acc + d0);
+        }
+      }
+      WriteRows(sc, rows, group, q0 + it.first, num_heads, it.kv_head, hd, out);
+      return;
     }
   }
-  for (int r = 0; r < rows; ++r) {
-    const int i = r / group, g = r % group;
-    float* o = out + (int64_t{q0 + it.first + i} * num_heads + it.kv_head * group + g) * hd;
-    const float* a = &sc.acc[static_cast<size_t>(r) * hd];
-    for (int d = 0; d < hd; ++d) o[d] = a[d] / sc.sums[r];
+  for (int32_t b0 = 0; b0 < npos; b0 += bs) {
+    const int32_t block = table[b0 / bs];
+    const int32_t end = std::min(npos, b0 + bs);
+    for (int32_t j = b0; j < end; ++j) {
+      const float* v = ReadRow<C>(cache, block, j - b0, it.kv_head, true, sc.row.data());
+      for (int r = std::max(0, j - pos0) * group; r < rows; ++r) {
+        Axpy(sc.scores[static_cast<size_t>(r) * npos + j], v, &sc.acc[static_cast<size_t>(r) * hd], hd);
+      }
+    }
   }
+  WriteRows(sc, rows, group, q0 + it.first, num_heads, it.kv_head, hd, out);
 }
 
 }  // namespace
