@@ -179,7 +179,7 @@ int main(int argc, char** argv) {
   using namespace strata;
   CLI::App app{"Tensor-parallel decode step benchmark (one process, one thread per GPU)"};
   std::string model = "llama-2-13b", tps_s = "1,2,4", kvs_s = "fp16,int8", markdown;
-  int batch = 64, ctx = 2048, iters = 20, warmup = 3;
+  int batch = 64, ctx = 2048, iters = 20, warmup = 3, layers = 0;
   double util = 0.9;
   app.add_option("--model", model, "named shape (NamedModelShape)");
   app.add_option("--tp", tps_s, "tensor-parallel sizes");
@@ -189,6 +189,8 @@ int main(int argc, char** argv) {
   app.add_option("--iters", iters);
   app.add_option("--warmup", warmup);
   app.add_option("--gpu-memory-utilization", util);
+  app.add_option("--layers", layers, "keep only this many decoder layers of the shape (0: all), to fit a "
+                                     "large shape on fewer GPUs; the table says so");
   app.add_option("--markdown", markdown, "write the table here too");
   CLI11_PARSE(app, argc, argv);
   absl::StatusOr<ModelConfig> shape = NamedModelShape(model);
@@ -196,12 +198,17 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", shape.status().ToString().c_str());
     return 2;
   }
+  const int all_layers = shape->num_layers;
+  if (layers > 0) shape->num_layers = std::min(layers, all_layers);
   int gpus = 0;
   cudaGetDeviceCount(&gpus);
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   std::ostringstream md;
-  md << "Device: " << gpus << " x " << prop.name << "; model " << model << " (dummy fp16 weights), batch "
+  md << "Device: " << gpus << " x " << prop.name << "; model " << model
+     << (shape->num_layers < all_layers ? absl::StrCat(" with ", shape->num_layers, " of ", all_layers, " layers")
+                                        : std::string())
+     << " (dummy fp16 weights), batch "
      << batch << ", context " << ctx << "; median of " << iters << " steps on rank 0 (CUDA graphs), "
      << "all-reduce share from 5 eager steps\n\n";
   md << "| tp | kv | step ms | vs tp=1 | all-reduce ms (eager) | all-reduce share | KV blocks/rank | alias | host wall ms |\n";
