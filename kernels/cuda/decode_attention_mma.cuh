@@ -40,6 +40,22 @@
 
 #include "kernels/cuda/kv_device.cuh"
 
+// Dynamic int8 / int4 codes as fp16 subnormals (compile-time switch, default
+// off until measured on a GPU): instead of the magic-number conversion and a
+// per-element subtraction of the token's zero point, a code u enters the MMAs
+// as the fp16 subnormal u * 2^-24 (int8: u = byte ^ 0x80 = code + 128 in
+// [0, 255]; int4 low nibble u * 2^-24, high nibble u * 2^-20, both exact) —
+// one PRMT or LOP3 per two codes. The zero points are folded outside the MMAs
+// as in the static mode: logit = s_k (2^24 q.u - z_k sum q) per token, and
+// out = 2^24 sum_t w_t u_t - sum_t w_t z_t with a per-lane running sum of
+// w_t z_t rescaled together with the softmax sum. The int4 high-nibble query
+// dims are pre-scaled by 1/16 (exact); high-nibble V rows are scaled by 2^20
+// instead of 2^24 at the end. Relies on mma.sync taking fp16 subnormal inputs
+// exactly. Build with -DSTRATA_MMA_SUBNORMAL_INT=1 to enable.
+#ifndef STRATA_MMA_SUBNORMAL_INT
+#define STRATA_MMA_SUBNORMAL_INT 0
+#endif
+
 namespace strata::cuda::detail {
 
 constexpr int kMmaThreads = 128;
@@ -139,6 +155,23 @@ struct KOperand {
       }
     }
   }
+  // Integer formats, subnormal mode (STRATA_MMA_SUBNORMAL_INT): the same
+  // positions as fp16 subnormals u * 2^-24 (int4 high nibbles: u * 2^-20).
+  __device__ __forceinline__ static void BuildRaw(const uint32_t* w, uint32_t (&out)[2][2]) {
+    static_assert(D == KvDtype::kInt8 || D == KvDtype::kInt4);
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      if constexpr (D == KvDtype::kInt8) {
+        const uint32_t u = w[ks] ^ 0x80808080u;
+        out[ks][0] = __byte_perm(u, 0u, 0x4140u);
+        out[ks][1] = __byte_perm(u, 0u, 0x4342u);
+      } else {
+        const uint32_t x = ks == 0 ? w[0] : (w[0] >> 8);
+        out[ks][0] = x & 0x000F000Fu;
+        out[ks][1] = x & 0x00F000F0u;
+      }
+    }
+  }
 };
 
 // ---- V operand ---------------------------------------------------------------
@@ -193,6 +226,33 @@ struct VOperand {
           }
           a[b][2 * pair] = lo;
           a[b][2 * pair + 1] = hi;
+        }
+      }
+    }
+  }
+  // Integer formats, subnormal mode: as Build, codes as fp16 subnormals
+  // u * 2^-24 (int4 odd dims, the high nibbles: u * 2^-20), no zero point.
+  __device__ __forceinline__ static void BuildRaw(const uint32_t (&w)[4],
+                                                  uint32_t (&a)[kBlocks][4]) {
+    static_assert(D == KvDtype::kInt8 || D == KvDtype::kInt4);
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair) {
+      if constexpr (kInt4) {
+        const uint32_t x_lo = __byte_perm(w[2 * pair], w[2 * pair + 1], 0x5410u);  // dims 0-3
+        const uint32_t x_hi = __byte_perm(w[2 * pair], w[2 * pair + 1], 0x7632u);  // dims 4-7
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const uint32_t x = (b < 2 ? x_lo : x_hi) >> (8 * (b & 1));
+          a[b][2 * pair] = x & 0x000F000Fu;
+          a[b][2 * pair + 1] = x & 0x00F000F0u;
+        }
+      } else {
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+          const uint32_t u =
+              __byte_perm(w[2 * pair], w[2 * pair + 1], b ? 0x7362u : 0x5140u) ^ 0x80808080u;
+          a[b][2 * pair] = __byte_perm(u, 0u, 0x4140u);
+          a[b][2 * pair + 1] = __byte_perm(u, 0u, 0x4342u);
         }
       }
     }
@@ -388,6 +448,9 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   constexpr bool kStatic = M == KvScaleMode::kStatic;
   constexpr bool kInt = KvDtypeIsInteger(D);
   constexpr int kS = Cfg::kStages;
+  // Subnormal integer codes with folded zero points (see STRATA_MMA_SUBNORMAL_INT).
+  constexpr bool kRaw = STRATA_MMA_SUBNORMAL_INT && kDynamic && kInt;
+  constexpr float kRawScale = 16777216.0f;  // 2^24
 
   extern __shared__ __align__(16) uint8_t mma_smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -505,6 +568,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
           v[s] = ok ? __ldg(qp + j * 8 + KOp::Dim(ks, s)) * p.q_scale : 0.0f;
         }
         qpart += (v[0] + v[1]) + (v[2] + v[3]);
+        if constexpr (kRaw && D == KvDtype::kInt4) {  // high nibbles are 16 u * 2^-24
+          v[2] *= 0.0625f;
+          v[3] *= 0.0625f;
+        }
         SplitPair(v[0], v[1], &qh[gi][ks][0], &ql[gi][ks][0]);
         SplitPair(v[2], v[3], &qh[gi][ks][1], &ql[gi][ks][1]);
       }
@@ -513,7 +580,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   // Static int8: sum of the scaled query of heads 2c, 2c+1 (the K-pass result
   // columns of this lane). The four lanes of head g hold disjoint dims.
   float qsum[2] = {0.0f, 0.0f};
-  if constexpr (kStatic && kInt) {
+  if constexpr ((kStatic && kInt) || kRaw) {
     qpart += __shfl_xor_sync(0xffffffffu, qpart, 1);
     qpart += __shfl_xor_sync(0xffffffffu, qpart, 2);
 #pragma unroll
@@ -537,6 +604,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   //           largest weight of a head in [2^14, 2^15): its fp16 hi/lo parts
   //           stay normal (tiny fp8 scales times small p once underflowed fp16).
   float ref[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.0f, 0.0f};
+  float zsum[2] = {0.0f, 0.0f};  // kRaw: this lane's part of sum_t w_t z_t (V zero points)
   float acc[Cfg::kBlocks][4];
 #pragma unroll
   for (int b = 0; b < Cfg::kBlocks; ++b) acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = 0.0f;
@@ -570,7 +638,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         }
       }
       IntSub sub0, sub1;
-      if constexpr (kInt) {
+      if constexpr (kInt && !kRaw) {
         sub0 = SubFromBytes<D>(kzb[0], 0x4040u);
         sub1 = SubFromBytes<D>(kzb[1], 0x4040u);
       }
@@ -582,8 +650,13 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
 #pragma unroll
       for (int gi = 0; gi < Cfg::kGpl; ++gi) {
         uint32_t r0[2][2], r1[2][2];
-        KOp::Build(&kw0[gi * KOp::kWords], sub0, r0);
-        KOp::Build(&kw1[gi * KOp::kWords], sub1, r1);
+        if constexpr (kRaw) {
+          KOp::BuildRaw(&kw0[gi * KOp::kWords], r0);
+          KOp::BuildRaw(&kw1[gi * KOp::kWords], r1);
+        } else {
+          KOp::Build(&kw0[gi * KOp::kWords], sub0, r0);
+          KOp::Build(&kw1[gi * KOp::kWords], sub1, r1);
+        }
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
           Mma16816(d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
@@ -597,6 +670,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
           float x = d[2 * r + k] + d_lo[2 * r + k];
+          if constexpr (kRaw) {  // u = code + 128 (int8) / code (int4); the same for z
+            const float kz = static_cast<float>(D == KvDtype::kInt8 ? kzb[r] ^ 0x80u : kzb[r]);
+            x = fmaf(x, kRawScale, -kz * qsum[k]);
+          }
           if constexpr (kStatic && kInt) x = fmaf(-static_kz, qsum[k], x);
           if constexpr (kStatic) x *= static_ks;
           if constexpr (kDynamic) x *= kscale[r];
@@ -606,13 +683,17 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
     }
 
     // ---- online softmax: weights of this tile ----
-    float vscale[2] = {1.0f, 1.0f}, vexp[2] = {0.0f, 0.0f};
+    float vscale[2] = {1.0f, 1.0f}, vexp[2] = {0.0f, 0.0f}, vz[2] = {0.0f, 0.0f};
     if constexpr (kDynamic) {
       const unsigned short* vs = reinterpret_cast<const unsigned short*>(sm + 32);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         vscale[r] = Half2ToFloat2(vs[g + 8 * r]).x;
         vexp[r] = FloorLog2(vscale[r]);  // finite for any bits; only used with finite lg
+        if constexpr (kRaw) {
+          const uint32_t zb = sm[80 + g + 8 * r];
+          vz[r] = static_cast<float>(D == KvDtype::kInt8 ? zb ^ 0x80u : zb);
+        }
       }
     }
 #pragma unroll
@@ -624,6 +705,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       if (tmax > ref[k]) {
         const float alpha = Exp2Ftz(ref[k] - tmax);  // 0 on the first tile
         lsum[k] *= alpha;
+        if constexpr (kRaw) zsum[k] *= alpha;
 #pragma unroll
         for (int b = 0; b < Cfg::kBlocks; ++b) {
           acc[b][k] *= alpha;
@@ -637,6 +719,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         lsum[k] += e;
         float w = e * kWeightScale;
         if constexpr (kDynamic) w = lg[r][k] > -INFINITY ? w * vscale[r] : 0.0f;
+        if constexpr (kRaw) zsum[k] = fmaf(w, vz[r], zsum[k]);
         trans[(2 * c + k) * Smem::kTransStride + g + 8 * r] = w;
       }
     }
@@ -659,7 +742,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       SplitPair(wv.x, wv.y, &bh0, &bl0);
       SplitPair(wv.z, wv.w, &bh1, &bl1);
       IntSub sub01, sub23;
-      if constexpr (kInt) {
+      if constexpr (kInt && !kRaw) {
         uint32_t zb = 0u;  // zero-point bytes of tokens 4c .. 4c+3
         if constexpr (kDynamic) zb = *reinterpret_cast<const uint32_t*>(sm + 80 + 4 * c);
         sub01 = SubFromBytes<D>(zb, 0x4140u);
@@ -669,7 +752,11 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       for (int u = 0; u < Cfg::kUpl; ++u) {
         const uint32_t words[4] = {vw[0][u], vw[1][u], vw[2][u], vw[3][u]};
         uint32_t a[VOp::kBlocks][4];
-        VOp::Build(words, sub01, sub23, a);
+        if constexpr (kRaw) {
+          VOp::BuildRaw(words, a);
+        } else {
+          VOp::Build(words, sub01, sub23, a);
+        }
 #pragma unroll
         for (int b = 0; b < VOp::kBlocks; ++b) {
           float(&o)[4] = acc[u * VOp::kBlocks + b];
@@ -689,6 +776,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   for (int k = 0; k < 2; ++k) {
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) lsum[k] += __shfl_xor_sync(0xffffffffu, lsum[k], o);
+    if constexpr (kRaw) {
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) zsum[k] += __shfl_xor_sync(0xffffffffu, zsum[k], o);
+    }
   }
   float* red = reinterpret_cast<float*>(ring);  // [G][HD], this warp's share
 #pragma unroll
@@ -702,8 +793,13 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       for (int k = 0; k < 2; ++k) {
         const int h = 2 * c + k;
         if (h < G) {
-          red[h * HD + d0] = acc[u * VOp::kBlocks + b][k];
-          red[h * HD + d0 + 1] = acc[u * VOp::kBlocks + b][2 + k];
+          float v0 = acc[u * VOp::kBlocks + b][k], v1 = acc[u * VOp::kBlocks + b][2 + k];
+          if constexpr (kRaw) {  // odd dims of an int4 unit are high nibbles: 16 u * 2^-24
+            v0 = fmaf(v0, kRawScale, -zsum[k]);
+            v1 = fmaf(v1, D == KvDtype::kInt4 ? kRawScale / 16.0f : kRawScale, -zsum[k]);
+          }
+          red[h * HD + d0] = v0;
+          red[h * HD + d0 + 1] = v1;
         }
       }
     }
