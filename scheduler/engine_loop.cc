@@ -105,7 +105,11 @@ absl::Status EngineLoop::Step() {
       return st;
     }
     const int32_t vocab = engine_->config().vocab_size;
-    if (engine_samples && output_.sampled.size() != plan.seqs.size()) {
+    // Engines return one sample slot per sequence when any sequence sampled
+    // (a step of prefill chunks only samples nothing and returns none).
+    bool any_sample = false;
+    for (const ScheduledSeq& s : plan.seqs) any_sample |= s.needs_logits;
+    if (engine_samples && any_sample && output_.sampled.size() != plan.seqs.size()) {
       for (const ScheduledSeq& s : plan.seqs) (void)scheduler_->Abort(s.seq_id);
       (void)scheduler_->OnStepResult(result);
       return absl::InternalError(absl::StrCat("the engine returned ", output_.sampled.size(),

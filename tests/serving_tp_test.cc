@@ -27,6 +27,9 @@ std::chrono::system_clock::time_point In(std::chrono::seconds d) {
 bool StartTp2(ServerProcess* server) {
   return server->Start({"--model", testing::DataPath("models/stories15M"), "--tp", "2",
                         "--worker-binary", STRATA_WORKER_PATH, "--kv-cache-memory", "0.125",
+                        // Small step budget: prompts are prefilled in chunks, and
+                        // steps of chunks alone sample nothing.
+                        "--max-num-batched-tokens", "24",
                         "--swap-space", "0.0625", "--shutdown-grace", "2"});
 }
 
@@ -104,6 +107,22 @@ TEST(ServingTpTest, GreedyGoldenCancellationAndCleanShutdown) {
                                       256 - prompt_len);
     ASSERT_EQ(got[i].size(), 256 - prompt_len) << id;
     for (size_t k = 0; k < n; ++k) ASSERT_EQ(got[i][k], expected[k]) << id << " token " << k;
+  }
+
+  // Alone, the longest prompt (43 tokens) takes two steps of chunked prefill,
+  // the first of which samples nothing; the output still matches.
+  {
+    const nlohmann::json& c = cases[2];
+    ASSERT_EQ(c["id"], "dialogue_long");
+    const auto prompt = c["prompt_ids"].get<std::vector<int32_t>>();
+    ASSERT_GT(prompt.size(), 24u);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(std::chrono::seconds(120)));
+    v1::GenerateResponse all;
+    ASSERT_TRUE(stub->GenerateUnary(&ctx, FromIds(prompt, 16), &all).ok());
+    const auto expected = c["output_ids_ignore_bos"].get<std::vector<int32_t>>();
+    ASSERT_EQ(all.token_ids_size(), 16);
+    for (int k = 0; k < 16; ++k) EXPECT_EQ(all.token_ids(k), expected[k]) << "token " << k;
   }
 
   // Cancellation frees the blocks (on every rank: the scheduler's tables are
