@@ -1,5 +1,7 @@
 #include "scheduler/remote_engine.h"
 
+#include <optional>
+
 #include <chrono>
 #include <random>
 
@@ -197,39 +199,64 @@ absl::Status RemoteEngine::Step(const StepInput& input, StepOutput* output) {
   std::string disagreement;
   int64_t worker_us = 0, engine_us = 0;
   rank_us_.assign(2 * n, 0);
-  for (int r = 0; r < n; ++r) {
-    const bool any_failure = !closed.empty() || !failed.empty() || !silent.empty() || !quiet.empty();
-    absl::StatusOr<v1::WorkerMessage> m = workers_[r]->Receive(wait_until);
-    if (!m.ok()) {
-      if (m.status().code() == absl::StatusCode::kDeadlineExceeded) {
-        (wait_until < deadline ? quiet : silent).push_back(workers_[r]->Describe());
-      } else {
-        closed.push_back(std::string(m.status().message()));
+  // Poll every rank in turn (not rank by rank to the deadline): a rank whose
+  // process died closes its stream at once, while its peers may sit in a
+  // collective until that times out; the dead rank is the news.
+  std::vector<bool> answered(n, false);
+  std::vector<std::optional<absl::StatusOr<v1::WorkerMessage>>> got(n);
+  int pending = n;
+  while (pending > 0) {
+    const bool any_failure = !closed.empty() || !failed.empty();
+    const absl::Time now = absl::Now();
+    if (now >= wait_until) {
+      for (int r = 0; r < n; ++r) {
+        if (!answered[r]) (wait_until < deadline ? quiet : silent).push_back(workers_[r]->Describe());
       }
-    } else if (!m->has_step_result() || m->step_result().step_id() != step_id) {
-      failed.push_back(absl::StrCat(workers_[r]->Describe(), " answered out of order"));
-    } else {
-      v1::StepResult* res = m->mutable_step_result();
-      const absl::Status st = StatusFromProto(res->status());
-      if (st.code() == absl::StatusCode::kInvalidArgument) {
-        if (r == 0) rejected = st;
-        else if (rejected.ok()) disagreement = absl::StrCat("rank ", r, " rejected the step (", st.message(), "), rank 0 ran it");
-      } else if (!st.ok()) {
-        failed.push_back(absl::StrCat(workers_[r]->Describe(), " reported ", st.ToString()));
-      } else if (!rejected.ok()) {
-        disagreement = absl::StrCat("rank 0 rejected the step (", rejected.message(), "), rank ", r, " ran it");
+      break;
+    }
+    // Block (briefly) on the first rank still pending -- its answer is needed
+    // anyway, so this adds no latency -- and only peek at the others.
+    const absl::Time slice = std::min(wait_until, now + absl::Milliseconds(5));
+    bool blocked = false;
+    for (int r = 0; r < n; ++r) {
+      if (answered[r]) continue;
+      absl::StatusOr<v1::WorkerMessage> m = workers_[r]->Receive(blocked ? absl::InfinitePast() : slice);
+      blocked = true;
+      if (!m.ok() && m.status().code() == absl::StatusCode::kDeadlineExceeded) continue;
+      answered[r] = true;
+      --pending;
+      if (!m.ok()) {
+        closed.push_back(std::string(m.status().message()));
+      } else if (!m->has_step_result() || m->step_result().step_id() != step_id) {
+        failed.push_back(absl::StrCat(workers_[r]->Describe(), " answered out of order"));
       } else {
-        worker_us = std::max<int64_t>(worker_us, res->worker_us());
-        engine_us = std::max<int64_t>(engine_us, res->engine_us());
-        rank_us_[2 * r] = res->worker_us(), rank_us_[2 * r + 1] = res->engine_us();
-        if (r == 0) {
-          absl::Status d = OutputFromProto(*res, config_.vocab_size, output);
-          if (!d.ok()) failed.push_back(absl::StrCat(workers_[r]->Describe(), ": ", d.message()));
-        }
+        got[r] = std::move(m);
       }
     }
-    if (!any_failure && (!closed.empty() || !failed.empty() || !silent.empty() || !quiet.empty())) {
+    if (!any_failure && (!closed.empty() || !failed.empty())) {
       wait_until = std::min(deadline, absl::Now() + absl::Milliseconds(500));
+    }
+  }
+  // Results in rank order (rank 0 first: it carries the output).
+  for (int r = 0; r < n; ++r) {
+    if (!got[r].has_value()) continue;
+    v1::StepResult* res = (*got[r])->mutable_step_result();
+    const absl::Status st = StatusFromProto(res->status());
+    if (st.code() == absl::StatusCode::kInvalidArgument) {
+      if (r == 0) rejected = st;
+      else if (rejected.ok()) disagreement = absl::StrCat("rank ", r, " rejected the step (", st.message(), "), rank 0 ran it");
+    } else if (!st.ok()) {
+      failed.push_back(absl::StrCat(workers_[r]->Describe(), " reported ", st.ToString()));
+    } else if (!rejected.ok()) {
+      disagreement = absl::StrCat("rank 0 rejected the step (", rejected.message(), "), rank ", r, " ran it");
+    } else {
+      worker_us = std::max<int64_t>(worker_us, res->worker_us());
+      engine_us = std::max<int64_t>(engine_us, res->engine_us());
+      rank_us_[2 * r] = res->worker_us(), rank_us_[2 * r + 1] = res->engine_us();
+      if (r == 0) {
+        absl::Status d = OutputFromProto(*res, config_.vocab_size, output);
+        if (!d.ok()) failed.push_back(absl::StrCat(workers_[r]->Describe(), ": ", d.message()));
+      }
     }
   }
   if (!closed.empty() || !failed.empty() || !silent.empty() || !quiet.empty() || !disagreement.empty()) {

@@ -43,9 +43,19 @@ struct WriteOp {
                          const int64_t* slot_mapping, int32_t num_tokens, cudaStream_t stream);
 };
 
-// Raises a kernel's dynamic shared memory limit when `bytes` needs it
-// (> 48 KiB). `max_set` remembers the largest limit set for that kernel.
-cudaError_t EnsureDynamicSmem(const void* kernel, int bytes, std::atomic<int>* max_set);
+// Function attributes belong to a device's context: one process driving
+// several GPUs (a tensor-parallel benchmark, tests) sets them once per device.
+inline constexpr int kMaxAttrDevices = 64;
+struct KernelAttrCache {
+  std::atomic<int> max_smem[kMaxAttrDevices] = {};      // largest dynamic smem limit set
+  std::atomic<bool> carveout[kMaxAttrDevices] = {};     // preferred carveout set
+};
+
+// Raises a kernel's dynamic shared memory limit on the current device when
+// `bytes` needs it (> 48 KiB). `cache` remembers what was set, per device.
+cudaError_t EnsureDynamicSmem(const void* kernel, int bytes, KernelAttrCache* cache);
+// Sets the preferred shared-memory carveout to the maximum, once per device.
+cudaError_t EnsureMaxSharedCarveout(const void* kernel, KernelAttrCache* cache);
 
 constexpr float kLog2e = 1.4426950408889634f;
 

@@ -428,28 +428,21 @@ cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
       // 4 thread blocks per SM (the launch bounds) at the largest partition.
       static_assert(Smem::Bytes(kMaxPartition / 16 + 1) <= 56 * 1024);
       const int smem = Smem::Bytes(blk_ints);
-      static std::atomic<int> max_set_mma{0};
+      static KernelAttrCache attrs;
       auto kernel = DecodeMmaKernel<D, M, HD, G>;
-      cudaError_t err =
-          EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), smem, &max_set_mma);
+      cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), smem, &attrs);
       if (err != cudaSuccess) return err;
-      // 4 blocks of ~40-54 KB per SM need (nearly) the whole carveout; a hint, set once.
-      static std::atomic<bool> carveout_set{false};
-      if (!carveout_set.load(std::memory_order_relaxed)) {
-        err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                   cudaFuncAttributePreferredSharedMemoryCarveout,
-                                   cudaSharedmemCarveoutMaxShared);
-        if (err != cudaSuccess) return err;
-        carveout_set.store(true, std::memory_order_relaxed);
-      }
+      // 4 blocks of ~40-54 KB per SM need (nearly) the whole carveout; a hint, set once per device.
+      err = EnsureMaxSharedCarveout(reinterpret_cast<const void*>(kernel), &attrs);
+      if (err != cudaSuccess) return err;
       kernel<<<grid, kMmaThreads, smem, stream>>>(p);
       return cudaGetLastError();
     }
   }
   const int smem = (p.region_floats + blk_ints + 2 * G) * 4;  // + [2][G] stats
-  static std::atomic<int> max_set{0};
+  static KernelAttrCache attrs;
   auto kernel = DecodeKernel<D, M, HD, G>;
-  cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), smem, &max_set);
+  cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), smem, &attrs);
   if (err != cudaSuccess) return err;
   kernel<<<grid, kDecodeThreads, smem, stream>>>(p);
   return cudaGetLastError();

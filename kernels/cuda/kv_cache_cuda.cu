@@ -67,14 +67,38 @@ bool ValidAttention(const AttentionArgs& a) {
 
 }  // namespace
 
-cudaError_t EnsureDynamicSmem(const void* kernel, int bytes, std::atomic<int>* max_set) {
-  if (bytes <= 48 * 1024 || bytes <= max_set->load(std::memory_order_relaxed)) return cudaSuccess;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+namespace {
+cudaError_t CurrentDevice(int* dev) {
+  const cudaError_t err = cudaGetDevice(dev);
   if (err != cudaSuccess) return err;
-  int cur = max_set->load(std::memory_order_relaxed);
-  while (cur < bytes && !max_set->compare_exchange_weak(cur, bytes)) {
+  return *dev >= 0 && *dev < kMaxAttrDevices ? cudaSuccess : cudaErrorInvalidDevice;
+}
+}  // namespace
+
+cudaError_t EnsureDynamicSmem(const void* kernel, int bytes, KernelAttrCache* cache) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int dev = 0;
+  cudaError_t err = CurrentDevice(&dev);
+  if (err != cudaSuccess) return err;
+  std::atomic<int>& max_set = cache->max_smem[dev];
+  if (bytes <= max_set.load(std::memory_order_relaxed)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  int cur = max_set.load(std::memory_order_relaxed);
+  while (cur < bytes && !max_set.compare_exchange_weak(cur, bytes)) {
   }
+  return cudaSuccess;
+}
+
+cudaError_t EnsureMaxSharedCarveout(const void* kernel, KernelAttrCache* cache) {
+  int dev = 0;
+  cudaError_t err = CurrentDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (cache->carveout[dev].load(std::memory_order_relaxed)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared);
+  if (err != cudaSuccess) return err;
+  cache->carveout[dev].store(true, std::memory_order_relaxed);
   return cudaSuccess;
 }
 

@@ -290,9 +290,9 @@ cudaError_t PrefillOp::Run(const AttentionArgs& a, int32_t max_new_tokens, cudaS
   p.tokens_per_cta = detail::kPfRows / gs;
   p.log2_bs = Log2Int(a.cache.layout.block_size);
   p.q_scale = a.softmax_scale * kLog2e;
-  static std::atomic<int> max_set{0};
+  static KernelAttrCache attrs;
   auto kernel = detail::PrefillKernel<D, M, HD>;
-  cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), S::kBytes, &max_set);
+  cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), S::kBytes, &attrs);
   if (err != cudaSuccess) return err;
   const dim3 grid((max_new_tokens + p.tokens_per_cta - 1) / p.tokens_per_cta,
                   a.cache.layout.num_kv_heads * p.groups_per_kv, a.batch.num_seqs);

@@ -6,6 +6,7 @@
 // non-allocating loads, four chunks per row per lane in flight, and reduces
 // across the warp. The grid is persistent (at most the resident CTAs), so the
 // prologue runs once per CTA.
+#include <atomic>
 #include <algorithm>
 
 #include "kernels/cuda_ops/common.cuh"
@@ -181,12 +182,18 @@ template <class T, int M, GemvKind K>
 cudaError_t Launch(const GemvArgs& a, cudaStream_t stream) {
   auto* kernel = GemvKernel<T, M, K>;
   const int smem = M * a.k * static_cast<int>(sizeof(float));
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
-  if (attr != cudaSuccess) return attr;
+  // Function attributes are per device (context): set once for each device used.
+  static std::atomic<bool> attr_set[64] = {};
   int per_sm = 0, dev = 0, sms = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-  if (err == cudaSuccess) err = cudaGetDevice(&dev);
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (!attr_set[dev].load(std::memory_order_relaxed)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
+    if (err != cudaSuccess) return err;
+    attr_set[dev].store(true, std::memory_order_relaxed);
+  }
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
   constexpr int R = K == GemvKind::kNormSiluMul ? 1 : 2;
