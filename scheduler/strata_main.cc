@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <string>
 
 #include "CLI/CLI.hpp"
@@ -132,6 +133,9 @@ int main(int argc, char** argv) {
   gen->add_option("--kv-scale-mode", opts.kv_scale_mode, "none, static, dynamic (default per dtype)");
   gen->add_option("--kv-quant-params-path", opts.kv_quant_params_path, "Static KV scales (JSON)");
   gen->add_option("--block-size", opts.block_size, "Tokens per KV block")->capture_default_str();
+  gen->add_option("--dtype", opts.weight_dtype, "CPU weight storage: fp32 (exact) or fp16 (faster)")
+      ->transform(CLI::CheckedTransformer(std::map<std::string, WeightDtype>{
+          {"fp32", WeightDtype::kFp32}, {"fp16", WeightDtype::kFp16}}));
   gen->add_flag("--ignore-eos", ignore_eos, "Do not stop at end-of-sequence tokens");
   gen->add_flag("--no-bos", no_bos, "Do not prepend the BOS token");
   // With --server, generate through a running `strata serve` instead of in-process.
@@ -163,7 +167,8 @@ int main(int argc, char** argv) {
                   "auto (checkpoint at --model) or dummy (--model names a shape: llama-2-7b, llama-2-13b, "
                   "llama-3-8b, llama-2-70b, or a config.json; random weights)")->capture_default_str();
   srv->add_option("--tokenizer", e.tokenizer_path, "Tokenizer directory (default: the model's; required with dummy)");
-  srv->add_option("--dtype", e.dtype, "--device cuda weights: auto (fp16), fp16, bf16")->capture_default_str();
+  srv->add_option("--dtype", e.dtype, "weights: auto; --device cuda fp16 (auto) or bf16; --device cpu fp32 (auto) "
+                  "or fp16 (half the bytes per token, in process)")->capture_default_str();
   srv->add_flag("--enforce-eager", e.enforce_eager, "--device cuda: no CUDA graphs");
   srv->add_option("--kv-cache-dtype", e.kv_cache_dtype,
                   "auto, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int8, int4")->capture_default_str();

@@ -29,6 +29,7 @@ absl::StatusOr<std::unique_ptr<OfflineGenerator>> OfflineGenerator::Create(
   ASSIGN_OR_RETURN(eo.kv_format, ParseKvFormat(options.kv_cache_dtype, options.kv_scale_mode,
                                                weights.source_dtype));
   eo.block_size = options.block_size;
+  eo.weight_dtype = options.weight_dtype;
   // Enough blocks for a full batch of 64 sequences at the model's context.
   const int32_t per_seq =
       (weights.config.max_position_embeddings + options.block_size - 1) / options.block_size;

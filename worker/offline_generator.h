@@ -40,6 +40,9 @@ struct OfflineOptions {
   int32_t block_size = 16;
   int32_t max_batch_tokens = 4096;      // prefill chunking budget per step
   int32_t keep_logits_steps = 0;
+  // CPU engine weight storage: kFp32 (exact) or kFp16 (half the bytes per
+  // token; exact for fp16 checkpoints). See EngineOptions::weight_dtype.
+  WeightDtype weight_dtype = WeightDtype::kFp32;
 };
 
 class OfflineGenerator {

@@ -58,8 +58,16 @@ absl::Status ValidateEngineConfig(const EngineConfig& c) {
         "--load-format dummy needs --tokenizer DIR (a model directory whose tokenizer matches the "
         "shape's vocabulary, e.g. stories15M for the llama-2 shapes)");
   }
-  if (c.dtype != "auto" && c.dtype != "fp16" && c.dtype != "bf16") {
-    return absl::InvalidArgumentError(absl::StrCat("--dtype must be auto, fp16 or bf16, got \"", c.dtype, "\""));
+  if (c.device == "cuda" && c.dtype != "auto" && c.dtype != "fp16" && c.dtype != "bf16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dtype must be auto, fp16 or bf16 with --device cuda, got \"", c.dtype, "\""));
+  }
+  if (c.device == "cpu" && c.dtype != "auto" && c.dtype != "fp32" && c.dtype != "fp16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dtype must be auto, fp32 or fp16 with --device cpu, got \"", c.dtype, "\""));
+  }
+  if (c.device == "cpu" && c.dtype == "fp16" && (c.tp > 1 || c.worker_processes)) {
+    return absl::UnimplementedError("--dtype fp16 on the CPU runs in process only (--tp 1)");
   }
   if (c.max_num_batched_tokens < 0) {
     return absl::InvalidArgumentError(
@@ -266,6 +274,7 @@ absl::StatusOr<LoadedModel> LoadModel(const EngineConfig& c, LoadProgress* progr
   EngineOptions eo;
   eo.kv_format = shape.format;
   eo.block_size = c.block_size;
+  eo.weight_dtype = c.dtype == "fp16" ? WeightDtype::kFp16 : WeightDtype::kFp32;
   eo.num_gpu_blocks = plan.num_gpu_blocks;
   eo.num_cpu_blocks = plan.num_cpu_blocks;
   progress->Phase("engine");

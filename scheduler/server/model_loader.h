@@ -42,7 +42,7 @@ struct EngineConfig {
   std::string model_path;
   std::string load_format = "auto";  // auto | dummy
   std::string tokenizer_path;        // "" = the model's directory
-  std::string dtype = "auto";        // cuda weights: auto (= fp16), fp16, bf16
+  std::string dtype = "auto";        // weights: cuda auto (= fp16), fp16, bf16; cpu auto (= fp32), fp32, fp16
   int32_t tp = 1;
   std::string device = "cpu";  // cpu | cuda
   std::string kv_cache_dtype = "auto";
