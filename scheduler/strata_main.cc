@@ -12,7 +12,6 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
-#include <map>
 #include <string>
 
 #include "CLI/CLI.hpp"
@@ -133,9 +132,10 @@ int main(int argc, char** argv) {
   gen->add_option("--kv-scale-mode", opts.kv_scale_mode, "none, static, dynamic (default per dtype)");
   gen->add_option("--kv-quant-params-path", opts.kv_quant_params_path, "Static KV scales (JSON)");
   gen->add_option("--block-size", opts.block_size, "Tokens per KV block")->capture_default_str();
-  gen->add_option("--dtype", opts.weight_dtype, "CPU weight storage: fp32 (exact) or fp16 (faster)")
-      ->transform(CLI::CheckedTransformer(std::map<std::string, WeightDtype>{
-          {"fp32", WeightDtype::kFp32}, {"fp16", WeightDtype::kFp16}}));
+  std::string gen_dtype = "fp32";
+  gen->add_option("--dtype", gen_dtype, "CPU weight storage: fp32 (exact) or fp16 (faster)")
+      ->check(CLI::IsMember({"fp32", "fp16"}))
+      ->capture_default_str();
   gen->add_flag("--ignore-eos", ignore_eos, "Do not stop at end-of-sequence tokens");
   gen->add_flag("--no-bos", no_bos, "Do not prepend the BOS token");
   // With --server, generate through a running `strata serve` instead of in-process.
@@ -230,7 +230,10 @@ int main(int argc, char** argv) {
     return serving::RunRemoteGenerate(
         client, RemoteRequest(prompt, max_tokens, sampling, ignore_eos, no_bos, stop, stop_token_ids));
   }
-  if (*gen) return RunGenerate(opts, prompt, max_tokens, sampling, ignore_eos, no_bos);
+  if (*gen) {
+    opts.weight_dtype = gen_dtype == "fp16" ? WeightDtype::kFp16 : WeightDtype::kFp32;
+    return RunGenerate(opts, prompt, max_tokens, sampling, ignore_eos, no_bos);
+  }
   if (*srv) return serving::RunServe(serve);
   if (*info) return serving::RunRemoteInfo(info_client);
   return 0;
