@@ -24,7 +24,7 @@ BINS_WORKER="kernels_cuda_ops_test gpu_golden_test gpu_decode_bench tp_decode_be
 BINS_KERNELS="kernels_kv_cache_cuda_test decode_attention_bench"
 BINS_SCHED="strata serving_gpu_test"
 BINS_BENCH="strata-serving-bench"
-SYSTEM_LIBS='^(linux-vdso|ld-linux|libc\.|libm\.|libdl\.|librt\.|libpthread\.|libstdc\+\+|libgcc_s|libgomp|libopenblas|libblas|liblapack|libgfortran|libquadmath|libcuda|libcudart|libcublas|libnccl|libssl|libcrypto|libz\.)'
+SYSTEM_LIBS='^(linux-vdso|ld-linux|libc\.|libm\.|libdl\.|librt\.|libpthread\.|libstdc\+\+|libgcc_s|libgomp|libopenblas|libblas|liblapack|libgfortran|libquadmath|libcuda|libcudart|libcublas|libnccl|libssl|libcrypto|libz\.|libprotobuf\.)'
 
 find_bin() {  # build dir, name
   find "$1" -type f -name "$2" -perm -u+x -not -path '*/CMakeFiles/*' | head -1
@@ -38,10 +38,11 @@ bundle() {
   if ninja -C "$build" -t targets all 2>/dev/null | grep -q "^$BINS_BENCH:"; then all="$all $BINS_BENCH"; have_bench=1; fi
   cmake --build "$build" -j2 --target $all
   rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/lib" "$BUNDLE/bin" "$BUNDLE/data/models" "$BUNDLE/data/golden"
-  local b path
+  local b path o
   for b in $all; do
     path=$(find_bin "$build" "$b")
     [[ -n $path ]] || { echo "missing $b under $build" >&2; exit 1; }
+    for o in ${BUNDLE_OVERRIDE:-}; do [[ ${o%%=*} == "$b" ]] && path=${o#*=}; done
     strip -o "$BUNDLE/bin/$b" "$path"
     ldd "$path" | awk '/=> \// {print $1, $3}' | while read -r name lib; do
       [[ $name =~ $SYSTEM_LIBS ]] && continue
@@ -49,15 +50,25 @@ bundle() {
     done
   done
   strip --strip-unneeded "$BUNDLE"/lib/*.so* 2>/dev/null || true
+  # Everything compressed: a GPU call carries at most 64 MiB.
   tar czf "$BUNDLE/bins.tar.gz" -C "$BUNDLE/bin" $all && rm -rf "$BUNDLE/bin"
+  tar czf "$BUNDLE/lib.tar.gz" -C "$BUNDLE" lib && rm -rf "$BUNDLE/lib"
   local data=${STRATA_DATA_DIR:-../shared/data}
   mkdir -p "$BUNDLE/data/models/stories15M-fp16"
   cp "$data"/models/stories15M-fp16/* "$BUNDLE/data/models/stories15M-fp16/"
   cp "$data"/golden/stories15M_greedy.json "$data"/golden/stories15M_logits_*.f32 "$BUNDLE/data/golden/"
   [[ -f "$data/README.md" ]] && cp "$data/README.md" "$BUNDLE/data/"
-  { git log -1 --format='%H %cd %s'; git status --short | grep -v '^??' || true; } > "$BUNDLE/COMMIT"
+  tar czf "$BUNDLE/data.tar.gz" -C "$BUNDLE" data && rm -rf "$BUNDLE/data"
+  # The commit the binaries were built from (the build's source tree).
+  local src
+  src=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$build/CMakeCache.txt")
+  { git -C "${src:-.}" log -1 --format='%H %cd %s'; git -C "${src:-.}" status --short | grep -v '^??' || true; } \
+    > "$BUNDLE/COMMIT"
   echo "bench client bundled: $have_bench"
   du -sh "$BUNDLE" "$BUNDLE"/*
+  local kb
+  kb=$(du -sk "$BUNDLE" | cut -f1)
+  (( kb < 60 * 1024 )) || echo "WARNING: $BUNDLE is ${kb} KiB; a GPU call carries at most 64 MiB with the repository"
 }
 
 sbench() {  # the serving benchmark: one server per KV format, each workload
@@ -117,9 +128,12 @@ peer() {  # the Hugging Face transformers generation loop at the same shape
 run() {
   local out=${OUT:-/tmp/gpu_session_out} work=/tmp/gpu_session
   mkdir -p "$out" "$work"
-  tar xzf "$BUNDLE/bins.tar.gz" -C "$work" || { echo "no bundle"; exit 1; }
-  export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-  export STRATA_DATA_DIR="$PWD/$BUNDLE/data"
+  if [[ ! -x "$work/strata" || "$BUNDLE/bins.tar.gz" -nt "$work/strata" ]]; then
+    tar xzf "$BUNDLE/bins.tar.gz" -C "$work" && tar xzf "$BUNDLE/lib.tar.gz" -C "$work" &&
+      tar xzf "$BUNDLE/data.tar.gz" -C "$work" || { echo "no bundle"; exit 1; }
+  fi
+  export LD_LIBRARY_PATH="$work/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  export STRATA_DATA_DIR="$work/data"
   export STRATA_CLI="$work/strata" STRATA_WORKER="$work/strata-worker"
   export NCCL_NVLS_ENABLE=0
   {
