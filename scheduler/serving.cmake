@@ -24,6 +24,7 @@ target_link_libraries(strata_serving PUBLIC strata_serving_core strata_cpu_engin
                       Threads::Threads)
 
 target_link_libraries(strata PRIVATE strata_serving)
+target_link_libraries(strata-scheduler PRIVATE strata_serving)
 
 strata_cc_test(serving_unit_test
   SRCS ${CMAKE_SOURCE_DIR}/tests/serving_unit_test.cc

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include "CLI/CLI.hpp"
 #include "scheduler/eval_cli.h"
@@ -107,7 +108,18 @@ void AddClientFlags(CLI::App* app, serving::ClientOptions* c) {
 
 int main(int argc, char** argv) {
   using namespace strata;
+#ifdef STRATA_SCHEDULER_ONLY
+  // strata-scheduler: `strata serve --external-workers` (Kubernetes: the
+  // scheduler pod; the strata-worker pods dial its control plane).
+  std::vector<char*> args = {argv[0], const_cast<char*>("serve"), const_cast<char*>("--external-workers")};
+  args.insert(args.end(), argv + 1, argv + argc);
+  argc = static_cast<int>(args.size());
+  argv = args.data();
+  CLI::App app{"strata-scheduler: the scheduler and gRPC API of a Strata deployment whose strata-worker "
+               "ranks run elsewhere (= strata serve --external-workers)"};
+#else
   CLI::App app{"Strata: LLaMA serving with a quantized paged KV cache"};
+#endif
   app.require_subcommand(1);
 
   OfflineOptions opts;
@@ -159,6 +171,14 @@ int main(int argc, char** argv) {
                 "Run the engine in strata-worker processes even with --tp 1");
   srv->add_option("--worker-binary", e.worker_binary,
                   "strata-worker executable (default: next to strata, ../worker/, or $PATH)");
+  srv->add_flag("--external-workers", e.external_workers,
+                "Spawn no workers: --tp strata-worker processes started elsewhere dial "
+                "--control-plane-address with the secret in --control-plane-secret-file");
+  srv->add_option("--control-plane-address", e.control_plane_address,
+                  "HOST:PORT of the worker control plane (default loopback, a free port)")
+      ->capture_default_str();
+  srv->add_option("--control-plane-secret-file", e.control_plane_secret_file,
+                  "File with the shared secret workers present (--external-workers)");
   srv->add_option("--worker-ready-timeout", e.worker_ready_timeout_s,
                   "Seconds to wait for the workers to load the model")->capture_default_str();
   srv->add_option("--device", e.device, "cpu or cuda (cuda: --tp strata-worker processes, GPU r for rank r)")

@@ -18,6 +18,7 @@
 #include "absl/strings/str_format.h"
 #include "runtime/status_macros.h"
 #include "spdlog/spdlog.h"
+#include "worker/worker_service.h"
 
 namespace strata {
 namespace {
@@ -52,6 +53,17 @@ std::string FindWorkerBinary() {
 absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Start(const WorkerPoolOptions& options) {
   const int n = options.engine.world_size;
   if (n < 1) return absl::InvalidArgumentError("world size must be at least 1");
+  if (options.external_workers) {
+    auto pool = std::unique_ptr<WorkerPool>(new WorkerPool());
+    pool->options_ = options;
+    ControlPlaneOptions co;
+    co.listen_address = options.listen_address;
+    ASSIGN_OR_RETURN(co.secret, ReadSecretFile(options.secret_file));
+    co.world_size = n;
+    ASSIGN_OR_RETURN(pool->control_, ControlPlane::Start(co));
+    spdlog::info("worker pool: waiting for {} external worker(s) on {}", n, pool->control_->address());
+    return pool;
+  }
   if (::access(options.worker_binary.c_str(), X_OK) != 0) {
     return absl::NotFoundError(absl::StrCat("worker binary ", options.worker_binary, " is not executable"));
   }

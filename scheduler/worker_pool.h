@@ -63,6 +63,11 @@ struct WorkerPoolOptions {
   // otherwise it inherits the scheduler's.
   std::string log_dir;
   absl::Duration shutdown_grace = absl::Seconds(5);
+  // External workers: nothing is spawned; world_size strata-worker processes
+  // started elsewhere (other pods, other hosts) dial `listen_address` with the
+  // secret read from `secret_file`, and WaitReady waits for them.
+  bool external_workers = false;
+  std::string secret_file;
 };
 
 struct WorkerProcessStatus {
@@ -79,7 +84,8 @@ struct PoolHealth {
 
 class WorkerPool {
  public:
-  // Starts the control plane and spawns the workers (does not wait for them).
+  // Starts the control plane and spawns the workers (does not wait for them);
+  // with external_workers, only the control plane.
   static absl::StatusOr<std::unique_ptr<WorkerPool>> Start(const WorkerPoolOptions& options);
   ~WorkerPool();
   WorkerPool(const WorkerPool&) = delete;

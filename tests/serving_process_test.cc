@@ -167,6 +167,10 @@ TEST(ServingProcessTest, RefusesUnsupportedFlags) {
     EXPECT_EQ(cuda.exit_code, 2);
     EXPECT_NE(cuda.err.find("--device cuda"), std::string::npos) << cuda.err;
   }
+  const auto external = RunCommand({testing::StrataCli(), "serve", "--port", "0", "--external-workers", "--tp", "2"},
+                                   std::chrono::seconds(120));
+  EXPECT_EQ(external.exit_code, 2);
+  EXPECT_NE(external.err.find("--control-plane-secret-file"), std::string::npos) << external.err;
   const auto dummy = RunCommand({testing::StrataCli(), "serve", "--port", "0", "--load-format", "dummy",
                                  "--model", "llama-2-7b"},
                                 std::chrono::seconds(120));

@@ -3,8 +3,16 @@
 // the golden reference, cancellation frees blocks, a killed worker turns
 // into UNAVAILABLE (and NOT_SERVING) rather than a hang, and SIGTERM leaves
 // neither the server nor any worker behind.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
 
 #include <thread>
 
@@ -192,6 +200,108 @@ TEST(ServingTpTest, LostWorkerIsUnavailableNotAHang) {
   EXPECT_EQ(health, 2) << "NOT_SERVING";
 
   StopAndCheckNoProcessLeft(&server, workers);
+}
+
+// A free TCP port on loopback (bound, read, released).
+int FreePort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  int port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    port = ntohs(a.sin_port);
+  }
+  ::close(fd);
+  return port;
+}
+
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) ::dup2(fd, 1), ::dup2(fd, 2);
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execv(args[0], args.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Kubernetes layout: the scheduler spawns nothing; two strata-worker
+// processes started on their own dial its control plane with the shared
+// secret. Same golden tokens; a worker with the wrong secret is refused
+// (exit 3); SIGTERM on the scheduler makes the workers exit cleanly.
+TEST(ServingTpTest, ExternalWorkersDialTheScheduler) {
+  const std::string dir = testing::MakeTempDir();
+  const std::string secret = dir + "/secret";
+  {
+    std::ofstream(secret) << "s3cret-for-the-test\n";
+    ::chmod(secret.c_str(), 0600);
+    std::ofstream(dir + "/wrong") << "not-the-secret\n";
+    ::chmod((dir + "/wrong").c_str(), 0600);
+  }
+  const int port = FreePort();
+  ASSERT_GT(port, 0);
+  const std::string address = "127.0.0.1:" + std::to_string(port);
+  std::vector<pid_t> workers;
+  for (int r = 0; r < 2; ++r) {
+    workers.push_back(Spawn({STRATA_WORKER_PATH, "--rank", std::to_string(r), "--world-size", "2",
+                             "--scheduler", address, "--secret-file", secret, "--kv-cache-memory",
+                             "128MiB", "--threads", "1", "--connect-timeout", "60"},
+                            dir + "/worker" + std::to_string(r) + ".log"));
+  }
+  ServerProcess server;
+  ASSERT_TRUE(server.Start({"--model", testing::DataPath("models/stories15M"), "--tp", "2", "--external-workers",
+                            "--control-plane-address", address, "--control-plane-secret-file", secret,
+                            "--shutdown-grace", "2"}))
+      << server.log() << ReadAll(dir + "/worker0.log");
+  EXPECT_TRUE(testing::ChildPids(server.pid()).empty()) << "nothing spawned";
+  auto stub = v1::Generation::NewStub(LoopbackChannel(server.address()));
+  EXPECT_EQ(Info(stub.get()).tp_size(), 2);
+
+  const nlohmann::json golden = testing::LoadJson("golden/stories15M_greedy.json");
+  const nlohmann::json& c = golden["cases"][0];
+  const auto prompt = c["prompt_ids"].get<std::vector<int32_t>>();
+  const auto expected = c["output_ids_ignore_bos"].get<std::vector<int32_t>>();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(std::chrono::seconds(120)));
+  v1::GenerateResponse all;
+  ASSERT_TRUE(stub->GenerateUnary(&ctx, FromIds(prompt, 32), &all).ok());
+  ASSERT_EQ(all.token_ids_size(), 32);
+  for (int k = 0; k < 32; ++k) EXPECT_EQ(all.token_ids(k), expected[k]) << "token " << k;
+
+  // A third process with the wrong secret is refused.
+  const pid_t intruder = Spawn({STRATA_WORKER_PATH, "--rank", "0", "--world-size", "2", "--scheduler", address,
+                                "--secret-file", dir + "/wrong", "--connect-timeout", "10"},
+                               dir + "/intruder.log");
+  int ws = 0;
+  ASSERT_EQ(::waitpid(intruder, &ws, 0), intruder);
+  EXPECT_TRUE(WIFEXITED(ws) && WEXITSTATUS(ws) == 3) << ReadAll(dir + "/intruder.log");
+
+  server.Signal(SIGTERM);
+  const int status = server.WaitExit(std::chrono::seconds(30));
+  EXPECT_TRUE(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0) << server.log();
+  for (pid_t w : workers) {
+    int wst = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    pid_t got = 0;
+    while ((got = ::waitpid(w, &wst, WNOHANG)) == 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (got != w) ::kill(w, SIGKILL), ::waitpid(w, &wst, 0);
+    EXPECT_EQ(got, w) << "worker " << w << " did not exit after the scheduler stopped";
+    EXPECT_TRUE(WIFEXITED(wst) && WEXITSTATUS(wst) == 0) << "worker exit status " << wst;
+  }
 }
 
 }  // namespace

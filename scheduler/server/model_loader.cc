@@ -69,6 +69,18 @@ absl::Status ValidateEngineConfig(const EngineConfig& c) {
   if (c.device == "cpu" && c.dtype == "fp16" && (c.tp > 1 || c.worker_processes)) {
     return absl::UnimplementedError("--dtype fp16 on the CPU runs in process only (--tp 1)");
   }
+  if (c.external_workers) {
+    if (c.control_plane_secret_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--external-workers needs --control-plane-secret-file (the secret the workers present)");
+    }
+    const size_t colon = c.control_plane_address.rfind(':');
+    if (colon == std::string::npos || c.control_plane_address.substr(colon + 1) == "0") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--external-workers needs a fixed --control-plane-address HOST:PORT for the workers to dial, got \"",
+          c.control_plane_address, "\""));
+    }
+  }
   if (c.max_num_batched_tokens < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--max-num-batched-tokens must be >= 0, got ", c.max_num_batched_tokens));
@@ -130,7 +142,10 @@ absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedM
     ASSIGN_OR_RETURN(config, LoadHfConfig(config_path.string()));
   }
   WorkerPoolOptions wo;
-  wo.worker_binary = FindWorkerBinary(c.worker_binary);
+  wo.external_workers = c.external_workers;
+  wo.secret_file = c.control_plane_secret_file;
+  wo.listen_address = c.control_plane_address;
+  if (!c.external_workers) wo.worker_binary = FindWorkerBinary(c.worker_binary);
   RemoteEngineOptions& e = wo.engine;
   e.world_size = c.tp;
   if (dummy) {
@@ -167,7 +182,11 @@ absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedM
   }
   wo.swap_space_gib = c.swap_space_gib;
   progress->Phase("workers");
-  spdlog::info("starting {} {} worker process(es): {}", c.tp, c.device, wo.worker_binary);
+  if (c.external_workers) {
+    spdlog::info("waiting for {} external {} worker(s) on {}", c.tp, c.device, c.control_plane_address);
+  } else {
+    spdlog::info("starting {} {} worker process(es): {}", c.tp, c.device, wo.worker_binary);
+  }
   ASSIGN_OR_RETURN(out->pool, WorkerPool::Start(wo));
   absl::StatusOr<RemoteEngine*> engine =
       out->pool->WaitReady(absl::Milliseconds(static_cast<int64_t>(c.worker_ready_timeout_s * 1000)));
@@ -189,7 +208,7 @@ absl::StatusOr<LoadedModel> LoadModel(const EngineConfig& c, LoadProgress* progr
     return absl::NotFoundError(absl::StrCat("--model ", c.model_path, ": no such file or directory"));
   }
   if (dummy) RETURN_IF_ERROR(NamedModelShape(c.model_path).status());
-  if (c.tp > 1 || c.worker_processes || c.device == "cuda" || dummy) {
+  if (c.tp > 1 || c.worker_processes || c.external_workers || c.device == "cuda" || dummy) {
     LoadedModel out;
     progress->Phase("tokenizer");
     const fs::path tok_path = c.tokenizer_path.empty() ? fs::path(c.model_path) : fs::path(c.tokenizer_path);

@@ -11,6 +11,8 @@
 //  * --device cuda: always N = --tp strata-worker processes (N >= 1), rank r
 //    on GPU r, each running the CUDA engine on its shard, NCCL between them,
 //    sampling on rank 0's GPU; this process needs no GPU;
+//  * --external-workers: the same, but the --tp workers are started elsewhere
+//    and dial --control-plane-address (strata-scheduler is `serve` in this mode);
 //  * --load-format dummy: --model names a shape (llama-2-7b, ... see
 //    NamedModelShape) or a config.json; random weights on the workers; the
 //    tokenizer comes from --tokenizer (its vocabulary must match).
@@ -58,6 +60,12 @@ struct EngineConfig {
   bool enforce_eager = false;          // cuda: no CUDA graphs
   // Worker processes.
   bool worker_processes = false;  // also for --tp 1
+  // Workers started elsewhere (Kubernetes pods, other hosts): nothing is
+  // spawned; --tp strata-worker processes dial control_plane_address with the
+  // secret in control_plane_secret_file.
+  bool external_workers = false;
+  std::string control_plane_address = "127.0.0.1:0";
+  std::string control_plane_secret_file;
   std::string worker_binary;      // "" = strata-worker next to this binary, ../worker/, $PATH
   double worker_ready_timeout_s = 600;
 };

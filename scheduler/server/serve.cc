@@ -306,7 +306,11 @@ int RunServe(const ServeOptions& o) {
     const absl::Status workers = model->Health();
     if (!workers.ok() && healthy) spdlog::error("workers unhealthy: {}", workers.ToString());
     if (model->pool != nullptr) {
-      for (const WorkerProcessStatus& w : model->pool->Health().workers) m->SetWorkerUp(w.rank, w.running && workers.ok());
+      const std::vector<WorkerProcessStatus> children = model->pool->Health().workers;
+      for (const WorkerProcessStatus& w : children) m->SetWorkerUp(w.rank, w.running && workers.ok());
+      if (children.empty()) {  // external workers: the group's health is all there is
+        for (int r = 0; r < o.engine.tp; ++r) m->SetWorkerUp(r, workers.ok());
+      }
     }
     const bool now = (*serving)->Stats().engine_healthy && workers.ok();
     if (now != healthy) SetHealth(server.get(), now);
