@@ -56,6 +56,21 @@
 #define STRATA_MMA_SUBNORMAL_INT 0
 #endif
 
+// Two tiles per loop iteration (compile-time switch, default off until
+// measured on a GPU; dynamic int4 only): each warp takes its items in pairs
+// (i, i + 1) = tiles (warp + 4 i, warp + 4 i + 4). Per pair one cp.async wait
+// and __syncwarp, one online-softmax reference update (a single max reduction
+// over both tiles' logits, one rescale), both QK products before the softmax
+// and both PV products after it; the weight transpose holds both tiles. A
+// warp with an odd number of items runs its last pair with a phantom second
+// tile (tokens past the context: -inf logits, zeroed V codes, zero weights),
+// which adds exact zeros. The ring gets one more slot, so that the same
+// ~8 KB stays in flight while a pair is computed. Build with
+// -DSTRATA_MMA_TILE_PAIRS=1 to enable.
+#ifndef STRATA_MMA_TILE_PAIRS
+#define STRATA_MMA_TILE_PAIRS 0
+#endif
+
 namespace strata::cuda::detail {
 
 constexpr int kMmaThreads = 128;
@@ -289,7 +304,13 @@ struct MmaCfg {
   // Slots per warp: ~8 KB per warp stays in flight while one tile is computed
   // (the previous kernel, with <= 8 KB in registers and none while computing,
   // was latency-bound).
-  static constexpr int kStages = ClampInt(1 + (8192 + kSlotBytes - 1) / kSlotBytes, 2, 8);
+  // Tile pairs (STRATA_MMA_TILE_PAIRS): two slots are read per iteration, so
+  // one more slot keeps the same bytes in flight (int4, head_dim 128: 6 slots).
+  static constexpr bool kPairs =
+      STRATA_MMA_TILE_PAIRS && kDynamic && D == KvDtype::kInt4;
+  static constexpr int kStages =
+      kPairs ? ClampInt(2 + (8192 + kSlotBytes - 1) / kSlotBytes, 3, 10)
+             : ClampInt(1 + (8192 + kSlotBytes - 1) / kSlotBytes, 2, 8);
   // 128-byte rows (head_dim 128, 8-bit): 16-byte chunk c of row r is stored at
   // c ^ Swz(r), which makes both the K-pass reads (rows g, chunks 2c, 2c+1)
   // and the V-pass reads (rows 4c+i, chunk g) free of bank conflicts. Other
@@ -310,7 +331,9 @@ struct MmaSmem {
   static constexpr int kRing = Cfg::kStages * Cfg::kSlotBytes;
   static constexpr int kRed = G * HD * 4;
   static constexpr int kWarpBytes = ((kRing > kRed ? kRing : kRed) + 15) / 16 * 16;
-  static constexpr int kTransStride = 20;  // floats per head: conflict-free transposed writes
+  // Floats per head: conflict-free transposed writes (tile pairs: tile t at
+  // columns 16 t of a 36-float row; 72 c mod 32 = 8 c keeps the writes apart).
+  static constexpr int kTransStride = Cfg::kPairs ? 36 : 20;
   static constexpr int kTransOff = kMmaWarps * kWarpBytes;
   static constexpr int kStatsOff = kTransOff + kMmaWarps * 8 * kTransStride * 4;
   static constexpr int kBlkOff = kStatsOff + 2 * kMmaWarps * 8 * 4;
@@ -543,9 +566,11 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   };
 
   // Prologue: kS - 1 items in flight (one commit group per item, empty ones
-  // included, so that wait_group<kS - 1> below always means "item i landed").
+  // included, so that wait_group<kS - 1> below always means "item i landed");
+  // tile pairs: kS - 2 items (wait_group<kS - 2>: "items i, i + 1 landed").
+  constexpr int kPrologue = Cfg::kPairs ? kS - 2 : kS - 1;
 #pragma unroll 1
-  for (int s = 0; s < kS - 1; ++s) {
+  for (int s = 0; s < kPrologue; ++s) {
     if (s < my_tiles) issue(s, s);
     CpAsyncCommit();
   }
@@ -609,81 +634,67 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
 #pragma unroll
   for (int b = 0; b < Cfg::kBlocks; ++b) acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = 0.0f;
 
-  int rd_slot = 0, wr_slot = kS - 1;
-  for (int i = 0; i < my_tiles; ++i) {
-    // Refill the slot read in iteration i - 1 (the __syncwarp at the end of
-    // that iteration ordered all lanes' reads before these copies).
-    if (i + kS - 1 < my_tiles) issue(i + kS - 1, wr_slot);
-    CpAsyncCommit();
-    wr_slot = wr_slot + 1 == kS ? 0 : wr_slot + 1;
-    CpAsyncWait<kS - 1>();  // this lane's copies of item i have landed
-    __syncwarp();           // ... and every lane's, visible to all
-    const uint8_t* sk = ring + rd_slot * Cfg::kSlotBytes;
-    const uint8_t* sv = sk + Cfg::kTileBytes;
-    const uint8_t* sm = sv + Cfg::kTileBytes;
-    const int tok0 = (warp + i * kMmaWarps) * 16;  // partition-relative; tok0 < n
-
-    // ---- logits: D[16 tokens x 8 heads] = K Q^T ----
-    // lg[r][k]: token tok0 + g + 8r, head 2c + k; -inf past the context.
-    float lg[2][2];
-    {
-      float kscale[2] = {1.0f, 1.0f};
-      uint32_t kzb[2] = {0u, 0u};
-      if constexpr (kDynamic) {
-        const unsigned short* ks = reinterpret_cast<const unsigned short*>(sm);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          kscale[r] = Half2ToFloat2(ks[g + 8 * r]).x;
-          if constexpr (kInt) kzb[r] = sm[64 + g + 8 * r];
-        }
-      }
-      IntSub sub0, sub1;
-      if constexpr (kInt && !kRaw) {
-        sub0 = SubFromBytes<D>(kzb[0], 0x4040u);
-        sub1 = SubFromBytes<D>(kzb[1], 0x4040u);
-      }
-      uint32_t kw0[Cfg::kKWords], kw1[Cfg::kKWords];
-      LdsKRow<Cfg>(sk, g, c, kw0);
-      LdsKRow<Cfg>(sk, g + 8, c, kw1);
-      // Two independent accumulation chains (hi and lo query parts).
-      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int gi = 0; gi < Cfg::kGpl; ++gi) {
-        uint32_t r0[2][2], r1[2][2];
-        if constexpr (kRaw) {
-          KOp::BuildRaw(&kw0[gi * KOp::kWords], r0);
-          KOp::BuildRaw(&kw1[gi * KOp::kWords], r1);
-        } else {
-          KOp::Build(&kw0[gi * KOp::kWords], sub0, r0);
-          KOp::Build(&kw1[gi * KOp::kWords], sub1, r1);
-        }
-#pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-          Mma16816(d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
-          Mma16816(d_lo, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0], ql[gi][ks][1]);
-        }
-      }
-      // d: (token g, head 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)
+  // ---- per-tile steps (shared by the loops below) ----
+  // Logits of a staged tile: lg[r][k] = token tok0 + g + 8r, head 2c + k
+  // (D[16 tokens x 8 heads] = K Q^T); -inf past the context.
+  auto tile_logits = [&](const uint8_t* sk, const uint8_t* sm, int tok0, float (&lg)[2][2]) {
+    float kscale[2] = {1.0f, 1.0f};
+    uint32_t kzb[2] = {0u, 0u};
+    if constexpr (kDynamic) {
+      const unsigned short* ks = reinterpret_cast<const unsigned short*>(sm);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const bool valid = tok0 + g + 8 * r < n;
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          float x = d[2 * r + k] + d_lo[2 * r + k];
-          if constexpr (kRaw) {  // u = code + 128 (int8) / code (int4); the same for z
-            const float kz = static_cast<float>(D == KvDtype::kInt8 ? kzb[r] ^ 0x80u : kzb[r]);
-            x = fmaf(x, kRawScale, -kz * qsum[k]);
-          }
-          if constexpr (kStatic && kInt) x = fmaf(-static_kz, qsum[k], x);
-          if constexpr (kStatic) x *= static_ks;
-          if constexpr (kDynamic) x *= kscale[r];
-          lg[r][k] = valid ? x : -INFINITY;  // a select: stale rows may hold NaN codes
-        }
+        kscale[r] = Half2ToFloat2(ks[g + 8 * r]).x;
+        if constexpr (kInt) kzb[r] = sm[64 + g + 8 * r];
       }
     }
-
-    // ---- online softmax: weights of this tile ----
-    float vscale[2] = {1.0f, 1.0f}, vexp[2] = {0.0f, 0.0f}, vz[2] = {0.0f, 0.0f};
+    IntSub sub0, sub1;
+    if constexpr (kInt && !kRaw) {
+      sub0 = SubFromBytes<D>(kzb[0], 0x4040u);
+      sub1 = SubFromBytes<D>(kzb[1], 0x4040u);
+    }
+    uint32_t kw0[Cfg::kKWords], kw1[Cfg::kKWords];
+    LdsKRow<Cfg>(sk, g, c, kw0);
+    LdsKRow<Cfg>(sk, g + 8, c, kw1);
+    // Two independent accumulation chains (hi and lo query parts).
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int gi = 0; gi < Cfg::kGpl; ++gi) {
+      uint32_t r0[2][2], r1[2][2];
+      if constexpr (kRaw) {
+        KOp::BuildRaw(&kw0[gi * KOp::kWords], r0);
+        KOp::BuildRaw(&kw1[gi * KOp::kWords], r1);
+      } else {
+        KOp::Build(&kw0[gi * KOp::kWords], sub0, r0);
+        KOp::Build(&kw1[gi * KOp::kWords], sub1, r1);
+      }
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        Mma16816(d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
+        Mma16816(d_lo, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0], ql[gi][ks][1]);
+      }
+    }
+    // d: (token g, head 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool valid = tok0 + g + 8 * r < n;
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        float x = d[2 * r + k] + d_lo[2 * r + k];
+        if constexpr (kRaw) {  // u = code + 128 (int8) / code (int4); the same for z
+          const float kz = static_cast<float>(D == KvDtype::kInt8 ? kzb[r] ^ 0x80u : kzb[r]);
+          x = fmaf(x, kRawScale, -kz * qsum[k]);
+        }
+        if constexpr (kStatic && kInt) x = fmaf(-static_kz, qsum[k], x);
+        if constexpr (kStatic) x *= static_ks;
+        if constexpr (kDynamic) x *= kscale[r];
+        lg[r][k] = valid ? x : -INFINITY;  // a select: stale rows may hold NaN codes
+      }
+    }
+  };
+  // V scales of tokens g, g + 8 of a staged tile, floor(log2) of them and
+  // (kRaw) their V zero points.
+  auto tile_vmeta = [&](const uint8_t* sm, float (&vscale)[2], float (&vexp)[2], float (&vz)[2]) {
     if constexpr (kDynamic) {
       const unsigned short* vs = reinterpret_cast<const unsigned short*>(sm + 32);
 #pragma unroll
@@ -696,77 +707,160 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         }
       }
     }
+  };
+  // Grows the reference of head 2c + k to tmax (if larger), rescaling the sums.
+  auto update_ref = [&](int k, float tmax) {
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      float tmax = fmaxf(lg[0][k] + vexp[0], lg[1][k] + vexp[1]);
+    for (int o = 4; o < 32; o <<= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+    // tmax is finite: token tok0 (lane g = 0, r = 0) is inside the context.
+    if (tmax > ref[k]) {
+      const float alpha = Exp2Ftz(ref[k] - tmax);  // 0 on the first tile
+      lsum[k] *= alpha;
+      if constexpr (kRaw) zsum[k] *= alpha;
 #pragma unroll
-      for (int o = 4; o < 32; o <<= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
-      // tmax is finite: token tok0 (lane g = 0, r = 0) is inside the context.
-      if (tmax > ref[k]) {
-        const float alpha = Exp2Ftz(ref[k] - tmax);  // 0 on the first tile
-        lsum[k] *= alpha;
-        if constexpr (kRaw) zsum[k] *= alpha;
-#pragma unroll
-        for (int b = 0; b < Cfg::kBlocks; ++b) {
-          acc[b][k] *= alpha;
-          acc[b][2 + k] *= alpha;
-        }
-        ref[k] = tmax;
+      for (int b = 0; b < Cfg::kBlocks; ++b) {
+        acc[b][k] *= alpha;
+        acc[b][2 + k] *= alpha;
       }
+      ref[k] = tmax;
+    }
+  };
+  // Weights of head 2c + k of a tile into the transpose (columns col + g + 8r).
+  auto tile_weights = [&](int k, const float (&lg)[2][2], const float (&vscale)[2],
+                          const float (&vz)[2], int col) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float e = Exp2Ftz(lg[r][k] - ref[k]);  // 0 past the context
-        lsum[k] += e;
-        float w = e * kWeightScale;
-        if constexpr (kDynamic) w = lg[r][k] > -INFINITY ? w * vscale[r] : 0.0f;
-        if constexpr (kRaw) zsum[k] = fmaf(w, vz[r], zsum[k]);
-        trans[(2 * c + k) * Smem::kTransStride + g + 8 * r] = w;
+    for (int r = 0; r < 2; ++r) {
+      const float e = Exp2Ftz(lg[r][k] - ref[k]);  // 0 past the context
+      lsum[k] += e;
+      float w = e * kWeightScale;
+      if constexpr (kDynamic) w = lg[r][k] > -INFINITY ? w * vscale[r] : 0.0f;
+      if constexpr (kRaw) zsum[k] = fmaf(w, vz[r], zsum[k]);
+      trans[(2 * c + k) * Smem::kTransStride + col + g + 8 * r] = w;
+    }
+  };
+  // O^T[16 dims x 8 heads] += V^T[16 dims x 16 tokens] P^T; wv = weights of
+  // head g for tokens tok0 + 4c .. 4c + 3 (B operand).
+  auto tile_pv = [&](const uint8_t* sv, const uint8_t* sm, int tok0, const float4 wv) {
+    uint32_t vw[4][Cfg::kUpl];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      LdsVRow<Cfg>(sv, 4 * c + t, g, vw[t]);
+      if (tok0 + 4 * c + t >= n) {
+#pragma unroll
+        for (int k = 0; k < Cfg::kUpl; ++k) vw[t][k] = 0u;  // stale rows: finite codes
       }
     }
-    __syncwarp();
-    // Weights of head g for tokens tok0 + 4c .. 4c + 3 (B operand of the V pass).
-    const float4 wv = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
+    uint32_t bh0, bl0, bh1, bl1;
+    SplitPair(wv.x, wv.y, &bh0, &bl0);
+    SplitPair(wv.z, wv.w, &bh1, &bl1);
+    IntSub sub01, sub23;
+    if constexpr (kInt && !kRaw) {
+      uint32_t zb = 0u;  // zero-point bytes of tokens 4c .. 4c+3
+      if constexpr (kDynamic) zb = *reinterpret_cast<const uint32_t*>(sm + 80 + 4 * c);
+      sub01 = SubFromBytes<D>(zb, 0x4140u);
+      sub23 = SubFromBytes<D>(zb, 0x4342u);
+    }
+#pragma unroll
+    for (int u = 0; u < Cfg::kUpl; ++u) {
+      const uint32_t words[4] = {vw[0][u], vw[1][u], vw[2][u], vw[3][u]};
+      uint32_t a[VOp::kBlocks][4];
+      if constexpr (kRaw) {
+        VOp::BuildRaw(words, a);
+      } else {
+        VOp::Build(words, sub01, sub23, a);
+      }
+#pragma unroll
+      for (int b = 0; b < VOp::kBlocks; ++b) {
+        float(&o)[4] = acc[u * VOp::kBlocks + b];
+        Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bh0, bh1);
+        Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bl0, bl1);
+      }
+    }
+  };
 
-    // ---- O^T[16 dims x 8 heads] += V^T[16 dims x 16 tokens] P^T ----
-    {
-      uint32_t vw[4][Cfg::kUpl];
+  if constexpr (!Cfg::kPairs) {
+    int rd_slot = 0, wr_slot = kS - 1;
+    for (int i = 0; i < my_tiles; ++i) {
+      // Refill the slot read in iteration i - 1 (the __syncwarp at the end of
+      // that iteration ordered all lanes' reads before these copies).
+      if (i + kS - 1 < my_tiles) issue(i + kS - 1, wr_slot);
+      CpAsyncCommit();
+      wr_slot = wr_slot + 1 == kS ? 0 : wr_slot + 1;
+      CpAsyncWait<kS - 1>();  // this lane's copies of item i have landed
+      __syncwarp();           // ... and every lane's, visible to all
+      const uint8_t* sk = ring + rd_slot * Cfg::kSlotBytes;
+      const uint8_t* sv = sk + Cfg::kTileBytes;
+      const uint8_t* sm = sv + Cfg::kTileBytes;
+      const int tok0 = (warp + i * kMmaWarps) * 16;  // partition-relative; tok0 < n
+
+      float lg[2][2];
+      tile_logits(sk, sm, tok0, lg);
+
+      // ---- online softmax: weights of this tile ----
+      float vscale[2] = {1.0f, 1.0f}, vexp[2] = {0.0f, 0.0f}, vz[2] = {0.0f, 0.0f};
+      tile_vmeta(sm, vscale, vexp, vz);
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        LdsVRow<Cfg>(sv, 4 * c + t, g, vw[t]);
-        if (tok0 + 4 * c + t >= n) {
-#pragma unroll
-          for (int k = 0; k < Cfg::kUpl; ++k) vw[t][k] = 0u;  // stale rows: finite codes
-        }
+      for (int k = 0; k < 2; ++k) {
+        update_ref(k, fmaxf(lg[0][k] + vexp[0], lg[1][k] + vexp[1]));
+        tile_weights(k, lg, vscale, vz, 0);
       }
-      uint32_t bh0, bl0, bh1, bl1;
-      SplitPair(wv.x, wv.y, &bh0, &bl0);
-      SplitPair(wv.z, wv.w, &bh1, &bl1);
-      IntSub sub01, sub23;
-      if constexpr (kInt && !kRaw) {
-        uint32_t zb = 0u;  // zero-point bytes of tokens 4c .. 4c+3
-        if constexpr (kDynamic) zb = *reinterpret_cast<const uint32_t*>(sm + 80 + 4 * c);
-        sub01 = SubFromBytes<D>(zb, 0x4140u);
-        sub23 = SubFromBytes<D>(zb, 0x4342u);
-      }
-#pragma unroll
-      for (int u = 0; u < Cfg::kUpl; ++u) {
-        const uint32_t words[4] = {vw[0][u], vw[1][u], vw[2][u], vw[3][u]};
-        uint32_t a[VOp::kBlocks][4];
-        if constexpr (kRaw) {
-          VOp::BuildRaw(words, a);
-        } else {
-          VOp::Build(words, sub01, sub23, a);
-        }
-#pragma unroll
-        for (int b = 0; b < VOp::kBlocks; ++b) {
-          float(&o)[4] = acc[u * VOp::kBlocks + b];
-          Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bh0, bh1);
-          Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bl0, bl1);
-        }
-      }
+      __syncwarp();
+      // Weights of head g for tokens tok0 + 4c .. 4c + 3 (B operand of the V pass).
+      const float4 wv = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
+      tile_pv(sv, sm, tok0, wv);
+      rd_slot = rd_slot + 1 == kS ? 0 : rd_slot + 1;
+      __syncwarp();  // all lanes are done with this slot and with `trans`
     }
-    rd_slot = rd_slot + 1 == kS ? 0 : rd_slot + 1;
-    __syncwarp();  // all lanes are done with this slot and with `trans`
+  } else {
+    // Pairs of items (i, i + 1), slots i % kS and (i + 1) % kS; the prologue
+    // committed items 0 .. kS - 3. Item i + 1 may be a phantom (i + 1 ==
+    // my_tiles): its tokens lie past the context (tile index >= ntiles), so
+    // its slot's stale bytes are masked like the rows past a partial block.
+    int rd_slot = 0, wr_slot = kS - 2;
+    for (int i = 0; i < my_tiles; i += 2) {
+      // Refill the two slots read in the previous iteration.
+#pragma unroll
+      for (int j = kS - 2; j < kS; ++j) {
+        if (i + j < my_tiles) issue(i + j, wr_slot);
+        CpAsyncCommit();
+        wr_slot = wr_slot + 1 == kS ? 0 : wr_slot + 1;
+      }
+      CpAsyncWait<kS - 2>();  // this lane's copies of items i, i + 1 have landed
+      __syncwarp();           // ... and every lane's, visible to all
+      const int rd_b = rd_slot + 1 == kS ? 0 : rd_slot + 1;
+      const uint8_t* sk_a = ring + rd_slot * Cfg::kSlotBytes;
+      const uint8_t* sk_b = ring + rd_b * Cfg::kSlotBytes;
+      const uint8_t* sm_a = sk_a + 2 * Cfg::kTileBytes;
+      const uint8_t* sm_b = sk_b + 2 * Cfg::kTileBytes;
+      const int tok_a = (warp + i * kMmaWarps) * 16;  // partition-relative; tok_a < n
+      const int tok_b = tok_a + kMmaWarps * 16;
+
+      float lg_a[2][2], lg_b[2][2];
+      tile_logits(sk_a, sm_a, tok_a, lg_a);
+      tile_logits(sk_b, sm_b, tok_b, lg_b);
+
+      // ---- online softmax: one reference update for both tiles ----
+      float vscale_a[2] = {1.0f, 1.0f}, vexp_a[2] = {0.0f, 0.0f}, vz_a[2] = {0.0f, 0.0f};
+      float vscale_b[2] = {1.0f, 1.0f}, vexp_b[2] = {0.0f, 0.0f}, vz_b[2] = {0.0f, 0.0f};
+      tile_vmeta(sm_a, vscale_a, vexp_a, vz_a);
+      tile_vmeta(sm_b, vscale_b, vexp_b, vz_b);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        // lg_b is -inf for a phantom tile, so the max is that of tile a alone.
+        update_ref(k, fmaxf(fmaxf(lg_a[0][k] + vexp_a[0], lg_a[1][k] + vexp_a[1]),
+                            fmaxf(lg_b[0][k] + vexp_b[0], lg_b[1][k] + vexp_b[1])));
+        tile_weights(k, lg_a, vscale_a, vz_a, 0);
+        tile_weights(k, lg_b, vscale_b, vz_b, 16);
+      }
+      __syncwarp();
+      const float4 wv_a = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
+      const float4 wv_b =
+          *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 16 + 4 * c);
+      tile_pv(sk_a + Cfg::kTileBytes, sm_a, tok_a, wv_a);
+      tile_pv(sk_b + Cfg::kTileBytes, sm_b, tok_b, wv_b);
+      rd_slot = rd_b + 1 == kS ? 0 : rd_b + 1;
+      __syncwarp();  // all lanes are done with these slots and with `trans`
+    }
   }
   CpAsyncWait<0>();  // only empty groups can be pending; the ring becomes the output area
   __syncwarp();
