@@ -41,7 +41,8 @@
 #include "kernels/cuda/kv_device.cuh"
 
 // Dynamic int8 / int4 codes as fp16 subnormals (compile-time switch, default
-// off until measured on a GPU): instead of the magic-number conversion and a
+// off: on an H100 it passed the 444 kernel tests but measured within noise of
+// the default, bench/results/decode_attention_2026-11-26_h100.md): instead of the magic-number conversion and a
 // per-element subtraction of the token's zero point, a code u enters the MMAs
 // as the fp16 subnormal u * 2^-24 (int8: u = byte ^ 0x80 = code + 128 in
 // [0, 255]; int4 low nibble u * 2^-24, high nibble u * 2^-20, both exact) —
@@ -56,8 +57,8 @@
 #define STRATA_MMA_SUBNORMAL_INT 0
 #endif
 
-// Two tiles per loop iteration (compile-time switch, default off until
-// measured on a GPU; dynamic int4 only): each warp takes its items in pairs
+// Two tiles per loop iteration (compile-time switch; dynamic int4 only):
+// each warp takes its items in pairs
 // (i, i + 1) = tiles (warp + 4 i, warp + 4 i + 4). Per pair one cp.async wait
 // and __syncwarp, one online-softmax reference update (a single max reduction
 // over both tiles' logits, one rescale), both QK products before the softmax
@@ -65,10 +66,12 @@
 // warp with an odd number of items runs its last pair with a phantom second
 // tile (tokens past the context: -inf logits, zeroed V codes, zero weights),
 // which adds exact zeros. The ring gets one more slot, so that the same
-// ~8 KB stays in flight while a pair is computed. Build with
-// -DSTRATA_MMA_TILE_PAIRS=1 to enable.
+// ~8 KB stays in flight while a pair is computed. On by default: on an H100
+// it passed the 444 kernel tests and took int4 at 4K context from 133.1 to
+// 129.5 us (bench/results/decode_attention_2026-11-26_h100.md);
+// -DSTRATA_MMA_TILE_PAIRS=0 restores the one-tile loop.
 #ifndef STRATA_MMA_TILE_PAIRS
-#define STRATA_MMA_TILE_PAIRS 0
+#define STRATA_MMA_TILE_PAIRS 1
 #endif
 
 namespace strata::cuda::detail {
