@@ -39,6 +39,30 @@ TEST(ServingMetrics, ExportsCountersGaugesAndHistograms) {
   EXPECT_THAT(text, HasSubstr("strata_requests{state=\"running\"} 3"));
 }
 
+TEST(ServingMetrics, WorkerSeriesPerRank) {
+  auto m = ServingMetrics::Create("", {"llama-2-7b", 2, "int8", "dynamic", 16, "cuda"});
+  ASSERT_TRUE(m.ok()) << m.status();
+  (*m)->SetWorkerUp(0, true);
+  (*m)->SetWorkerUp(1, false);
+  (*m)->SetWorkerMemory(1, "weights", 6700000000);
+  (*m)->OnWorkerStep(0, 0.012);
+  (*m)->OnWorkerStep(0, 0.013);
+  (*m)->OnWorkerStep(1, 0.020);
+  SchedulerStats s;
+  (*m)->OnStep(s, 0.05, 0, 0);  // not in process: no extra rank-0 observation
+  std::string text = (*m)->Serialize();
+  EXPECT_THAT(text, HasSubstr("strata_worker_up{rank=\"0\"} 1"));
+  EXPECT_THAT(text, HasSubstr("strata_worker_up{rank=\"1\"} 0"));
+  EXPECT_THAT(text, HasSubstr("strata_worker_device_memory_bytes{kind=\"weights\",rank=\"1\"} 6700000000"));
+  EXPECT_THAT(text, HasSubstr("strata_worker_step_duration_seconds_count{rank=\"0\"} 2"));
+  EXPECT_THAT(text, HasSubstr("strata_worker_step_duration_seconds_count{rank=\"1\"} 1"));
+  // In process, every engine step is rank 0's forward pass.
+  (*m)->set_in_process_worker(true);
+  (*m)->OnStep(s, 0.05, 0, 0);
+  text = (*m)->Serialize();
+  EXPECT_THAT(text, HasSubstr("strata_worker_step_duration_seconds_count{rank=\"0\"} 3"));
+}
+
 TEST(ServingMetrics, BadListenAddressIsAnError) {
   auto m = ServingMetrics::Create("256.1.1.1:99999", {});
   EXPECT_FALSE(m.ok());
