@@ -24,18 +24,19 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "proto/strata_v1_generation.grpc.pb.h"
+#include "tests/serving_rpc_helpers.h"
 #include "tests/serving_test_util.h"
 #include "tests/test_data.h"
 
 namespace strata {
 namespace {
 
+using testing::FromIds;
+using testing::In;
+using testing::Info;
 using testing::LoopbackChannel;
 using testing::ServerProcess;
-
-std::chrono::system_clock::time_point In(std::chrono::seconds d) {
-  return std::chrono::system_clock::now() + d;
-}
+using testing::StopAndCheckNoProcessLeft;
 
 int VisibleGpus() {
   const testing::CommandResult r = testing::RunCommand({"/bin/sh", "-c", "nvidia-smi -L 2>/dev/null"},
@@ -71,22 +72,6 @@ bool StartGpu(ServerProcess* server, int tp, const std::string& kv_dtype,
                                    "--swap-space", "0.25", "--max-num-seqs", "64", "--shutdown-grace", "2"};
   args.insert(args.end(), extra.begin(), extra.end());
   return server->Start(args, std::chrono::seconds(240));
-}
-
-v1::GenerateRequest FromIds(const std::vector<int32_t>& ids, int max_tokens) {
-  v1::GenerateRequest r;
-  r.mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
-  r.mutable_sampling()->set_max_tokens(max_tokens);
-  r.mutable_sampling()->set_ignore_eos(true);
-  return r;
-}
-
-v1::ModelInfo Info(v1::Generation::Stub* stub) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(In(std::chrono::seconds(30)));
-  v1::ModelInfo info;
-  EXPECT_TRUE(stub->GetModelInfo(&ctx, {}, &info).ok());
-  return info;
 }
 
 // All golden prompts at once (one batch), greedy, to the 256-token context.
@@ -131,16 +116,6 @@ std::string Metrics(int port) {
                             " && printf 'GET /metrics HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3 && cat <&3"},
       std::chrono::seconds(10));
   return r.out;
-}
-
-void StopAndCheckNoProcessLeft(ServerProcess* server, const std::vector<pid_t>& workers) {
-  server->Signal(SIGTERM);
-  const int status = server->WaitExit(std::chrono::seconds(60));
-  EXPECT_TRUE(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0) << server->log();
-  EXPECT_TRUE(server->ProcessGroupGone());
-  for (pid_t w : workers) {
-    EXPECT_TRUE(testing::WaitProcessGone(w, std::chrono::seconds(20))) << "worker " << w << " left";
-  }
 }
 
 class ServingGpuTest : public ::testing::Test {

@@ -19,18 +19,19 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "proto/strata_v1_generation.grpc.pb.h"
+#include "tests/serving_rpc_helpers.h"
 #include "tests/serving_test_util.h"
 #include "tests/test_data.h"
 
 namespace strata {
 namespace {
 
+using testing::FromIds;
+using testing::In;
+using testing::Info;
 using testing::LoopbackChannel;
 using testing::ServerProcess;
-
-std::chrono::system_clock::time_point In(std::chrono::seconds d) {
-  return std::chrono::system_clock::now() + d;
-}
+using testing::StopAndCheckNoProcessLeft;
 
 bool StartTp2(ServerProcess* server) {
   return server->Start({"--model", testing::DataPath("models/stories15M"), "--tp", "2",
@@ -39,33 +40,6 @@ bool StartTp2(ServerProcess* server) {
                         // steps of chunks alone sample nothing.
                         "--max-num-batched-tokens", "24",
                         "--swap-space", "0.0625", "--shutdown-grace", "2"});
-}
-
-v1::GenerateRequest FromIds(const std::vector<int32_t>& ids, int max_tokens) {
-  v1::GenerateRequest r;
-  r.mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
-  r.mutable_sampling()->set_max_tokens(max_tokens);
-  r.mutable_sampling()->set_ignore_eos(true);
-  return r;
-}
-
-v1::ModelInfo Info(v1::Generation::Stub* stub) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(In(std::chrono::seconds(30)));
-  v1::ModelInfo info;
-  EXPECT_TRUE(stub->GetModelInfo(&ctx, {}, &info).ok());
-  return info;
-}
-
-// SIGTERM: exit 0, and every worker the server had is gone.
-void StopAndCheckNoProcessLeft(ServerProcess* server, const std::vector<pid_t>& workers) {
-  server->Signal(SIGTERM);
-  const int status = server->WaitExit(std::chrono::seconds(30));
-  EXPECT_TRUE(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0) << server->log();
-  EXPECT_TRUE(server->ProcessGroupGone());
-  for (pid_t w : workers) {
-    EXPECT_TRUE(testing::WaitProcessGone(w, std::chrono::seconds(10))) << "worker " << w << " left";
-  }
 }
 
 TEST(ServingTpTest, GreedyGoldenCancellationAndCleanShutdown) {

@@ -26,25 +26,23 @@ strata_cc_test(worker_shard_test
 
 # The worker side of the control plane: wire conversions, the rendezvous
 # store client, the worker session.
-add_library(strata_worker_rpc STATIC
-  ${STRATA_TP_WORKER_DIR}/worker_service.cc
-  ${STRATA_TP_WORKER_DIR}/collectives_grpc_store.cc)
+set(STRATA_WORKER_RPC_SRCS ${STRATA_TP_WORKER_DIR}/worker_service.cc
+                           ${STRATA_TP_WORKER_DIR}/collectives_grpc_store.cc)
+set(STRATA_WORKER_RPC_DEPS strata_cpu_engine strata_collectives strata_proto_worker strata_sampling
+                           strata_block_manager spdlog::spdlog gRPC::grpc++)
+add_library(strata_worker_rpc STATIC ${STRATA_WORKER_RPC_SRCS})
 target_include_directories(strata_worker_rpc PUBLIC ${STRATA_TP_ROOT})
-target_link_libraries(strata_worker_rpc PUBLIC strata_cpu_engine strata_collectives strata_proto_worker
-                      strata_sampling strata_block_manager spdlog::spdlog gRPC::grpc++)
+target_link_libraries(strata_worker_rpc PUBLIC ${STRATA_WORKER_RPC_DEPS})
 
 # With CUDA, the strata-worker executable runs the GPU engine when the scheduler
 # asks for --device cuda: it links a CUDA build of the same sources. The
 # scheduler and the tests keep linking strata_worker_rpc, which needs no CUDA.
 add_executable(strata-worker ${STRATA_TP_WORKER_DIR}/worker_main.cc)
 if(STRATA_HAVE_CUDA AND NCCL_LIBRARY)
-  add_library(strata_worker_rpc_cuda STATIC
-    ${STRATA_TP_WORKER_DIR}/worker_service.cc
-    ${STRATA_TP_WORKER_DIR}/collectives_grpc_store.cc)
+  add_library(strata_worker_rpc_cuda STATIC ${STRATA_WORKER_RPC_SRCS})
   target_include_directories(strata_worker_rpc_cuda PUBLIC ${STRATA_TP_ROOT})
-  target_link_libraries(strata_worker_rpc_cuda PUBLIC strata_cpu_engine strata_collectives strata_proto_worker
-                        strata_sampling strata_block_manager spdlog::spdlog gRPC::grpc++
-                        strata_cuda_engine strata_collectives_nccl)
+  target_link_libraries(strata_worker_rpc_cuda PUBLIC ${STRATA_WORKER_RPC_DEPS} strata_cuda_engine
+                        strata_collectives_nccl)
   target_compile_definitions(strata_worker_rpc_cuda PRIVATE STRATA_HAVE_CUDA=1)
   target_link_libraries(strata-worker PRIVATE strata_worker_rpc_cuda CLI11::CLI11 spdlog::spdlog)
 else()

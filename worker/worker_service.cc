@@ -476,12 +476,7 @@ class WorkerSession::Impl {
 
   absl::Status AllocateCuda(const v1::Allocate& a, v1::MemoryReport* mem) {
     if (o_.world_size > 1) {
-      store_ = std::make_unique<GrpcKvStore>(channel_, o_.secret);
-      CollectivesOptions co;
-      co.rank = o_.rank;
-      co.world_size = o_.world_size;
-      co.key_prefix = rendezvous_prefix_;
-      co.timeout = collective_timeout_;
+      CollectivesOptions co = JoinRendezvous();
       co.cuda_device = cuda_->cuda_options().device;
       co.cuda_stream = cuda_->stream();
       ASSIGN_OR_RETURN(collectives_, CreateNcclCollectives(co, store_.get()));
@@ -512,6 +507,18 @@ class WorkerSession::Impl {
   }
 #endif
 
+  // The rendezvous store (the scheduler's control plane) and the options every
+  // collectives backend shares.
+  CollectivesOptions JoinRendezvous() {
+    store_ = std::make_unique<GrpcKvStore>(channel_, o_.secret);
+    CollectivesOptions co;
+    co.rank = o_.rank;
+    co.world_size = o_.world_size;
+    co.key_prefix = rendezvous_prefix_;
+    co.timeout = collective_timeout_;
+    return co;
+  }
+
   absl::Status ComputeSwapBlocks(const KvCacheShape& shape) {
     if (o_.num_swap_blocks >= 0) {
       max_cpu_blocks_ = o_.num_swap_blocks;
@@ -536,12 +543,7 @@ class WorkerSession::Impl {
     }
     if (device_ == "cuda") return AllocateCuda(a, mem);
     if (o_.world_size > 1) {
-      store_ = std::make_unique<GrpcKvStore>(channel_, o_.secret);
-      CollectivesOptions co;
-      co.rank = o_.rank;
-      co.world_size = o_.world_size;
-      co.key_prefix = rendezvous_prefix_;
-      co.timeout = collective_timeout_;
+      CollectivesOptions co = JoinRendezvous();
       co.gloo_hostname = o_.gloo_hostname;
       ASSIGN_OR_RETURN(collectives_, CreateGlooCollectives(co, store_.get()));
     }
