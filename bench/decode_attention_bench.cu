@@ -9,8 +9,12 @@
 // output written) / time, compared with cudaMemcpy device-to-device bandwidth
 // (bytes read + written) measured in the same run.
 //
-// Usage: decode_attention_bench [--quick] [--sweep] [--ctx N] [--iters N] [--warmup N]
+// Usage: decode_attention_bench [--quick] [--sweep] [--prefill] [--ctx N] [--iters N] [--warmup N]
 //   --quick   fewer iterations (smoke test)
+//   --prefill also time prefill attention: a 2048-token chunk at the end of
+//             4096- and 16384-token contexts (tensor-core kernel for fp16 /
+//             fp8 / int8 / int4; bf16 runs the CUDA-core kernel)
+//   --prefill-only  only that
 //   --sweep   also time partition sizes 256..2048 at contexts 512 and 4096
 //   --ctx N   only this context length (e.g. under a profiler)
 //   --iters N / --warmup N  timed / untimed calls per case
@@ -23,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/cuda/kv_cache_cuda.h"
@@ -289,14 +294,75 @@ double TimeDecode(Setup& s, const sc::DecodePlan& plan, int ctx, int iters) {
   return Median(ms) * 1e3;
 }
 
+// Prefill attention: `nseq` sequences of context `ctx`, each with a chunk of
+// its last `chunk` positions as new tokens. Returns the median time (us).
+double TimePrefill(Setup& s, int ctx, int chunk, int nseq, int iters) {
+  const int64_t tokens = int64_t{nseq} * chunk;
+  std::vector<int32_t> qs(nseq + 1), ctxs(nseq, ctx);
+  for (int i = 0; i <= nseq; ++i) qs[i] = i * chunk;
+  int32_t *dqs, *dctx;
+  float *q, *out;
+  CHECK_CUDA(cudaMalloc(&dqs, qs.size() * sizeof(int32_t)));
+  CHECK_CUDA(cudaMalloc(&dctx, ctxs.size() * sizeof(int32_t)));
+  CHECK_CUDA(cudaMemcpy(dqs, qs.data(), qs.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dctx, ctxs.data(), ctxs.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  const size_t qn = size_t(tokens) * kHeads * kHeadDim;
+  CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&out, qn * sizeof(float)));
+  FillRandom<<<1024, 256>>>(q, qn, 77, kHeadDim);
+  CHECK_CUDA(cudaGetLastError());
+  sc::AttentionArgs a;
+  a.cache = s.view;
+  a.batch.num_seqs = nseq;
+  a.batch.num_tokens = static_cast<int32_t>(tokens);
+  a.batch.max_blocks_per_seq = s.blocks_per_seq;
+  a.batch.context_lens = dctx;
+  a.batch.query_start = dqs;
+  a.batch.block_tables = s.tables[0];
+  a.query = q;
+  a.out = out;
+  a.num_heads = kHeads;
+  a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < g_warmup + iters; ++i) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(sc::PagedPrefillAttention(a, chunk, nullptr));
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float t;
+    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= g_warmup) ms.push_back(t);
+  }
+  std::vector<float> h(qn);
+  CHECK_CUDA(cudaMemcpy(h.data(), out, qn * sizeof(float), cudaMemcpyDeviceToHost));
+  for (float x : h) {
+    if (!std::isfinite(x)) {
+      std::fprintf(stderr, "non-finite prefill output\n");
+      std::exit(1);
+    }
+  }
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  CHECK_CUDA(cudaFree(dqs));
+  CHECK_CUDA(cudaFree(dctx));
+  CHECK_CUDA(cudaFree(q));
+  CHECK_CUDA(cudaFree(out));
+  return Median(ms) * 1e3;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, sweep = false;
+  bool quick = false, sweep = false, prefill = false, prefill_only = false;
   int only_ctx = 0, iters_override = 0;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--sweep")) sweep = true;
+    if (!std::strcmp(argv[i], "--prefill")) prefill = true;
+    if (!std::strcmp(argv[i], "--prefill-only")) prefill = prefill_only = true;
     if (!std::strcmp(argv[i], "--ctx") && i + 1 < argc) only_ctx = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters_override = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_warmup = std::atoi(argv[++i]);
@@ -315,7 +381,7 @@ int main(int argc, char** argv) {
 
   std::vector<Result> results;
   for (int ctx : {512, 4096, 32768}) {
-    if (only_ctx && ctx != only_ctx) continue;
+    if ((only_ctx && ctx != only_ctx) || prefill_only) continue;
     double fp16_us = 0;
     for (const FormatCase& fc : kFormats) {
       if (ctx == 32768 && fc.format.dtype == KvDtype::kFp32) continue;  // 34 GB of cache
@@ -342,6 +408,29 @@ int main(int argc, char** argv) {
         }
       }
       FreeSetup(s);
+    }
+  }
+
+  if (prefill) {
+    // Attention FLOPs of the causal chunk (QK and PV, 2 per multiply-add).
+    std::printf("\n| prefill: context | new tokens x seqs | format | time (ms) | TFLOP/s | time / fp16 |\n");
+    std::printf("|---:|---|---|---:|---:|---:|\n");
+    const FormatCase* pf[] = {&kFormats[0], &kFormats[1], &kFormats[3], &kFormats[6], &kFormats[8]};
+    for (auto [ctx, chunk, nseq] : {std::tuple{4096, 2048, 2}, std::tuple{16384, 2048, 1}}) {
+      if (only_ctx && ctx != only_ctx) continue;
+      double fp16_us = 0;
+      for (const FormatCase* fc : pf) {
+        Setup s = MakeSetup(fc->format, ctx, 0);
+        const double us = TimePrefill(s, ctx, chunk, nseq, quick ? 3 : 20);
+        if (fc->format.dtype == KvDtype::kFp16) fp16_us = us;
+        double pairs = 0;  // (query, key) pairs under the causal mask
+        for (int t = ctx - chunk; t < ctx; ++t) pairs += t + 1;
+        const double flops = 4.0 * pairs * nseq * kHeads * kHeadDim;
+        std::printf("| %d | %d x %d | %s | %.3f | %.1f | %.3f |\n", ctx, chunk, nseq, fc->name,
+                    us / 1e3, flops / (us * 1e-6) / 1e12, fp16_us > 0 ? us / fp16_us : 0.0);
+        std::fflush(stdout);
+        FreeSetup(s);
+      }
     }
   }
 

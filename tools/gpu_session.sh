@@ -156,8 +156,9 @@ run() {
         timeout 100 "$work/kernels_cuda_ops_test" > "$out/cuda_ops_test.log" 2>&1 || rc=1
         grep -E '^\[  (PASSED|FAILED)|Failure|FAILED' "$out/cuda_ops_test.log" | head -20
         timeout 200 "$work/gpu_golden_test" > "$out/gpu_golden_test.log" 2>&1 || rc=1
-        grep -E '^\[(golden|logits|kv |graphs|gqa|memory)|^\[  (PASSED|FAILED)|Failure|FAILED' \
+        grep -E '^\[(golden|logits|kv |graphs|gqa|memory|mixed)|^\[  (PASSED|FAILED)|Failure|FAILED' \
           "$out/gpu_golden_test.log" | head -80
+        [[ ${EBENCH_SKIP:-0} == 1 ]] && continue
         timeout ${EBENCH_TIMEOUT:-280} "$work/gpu_decode_bench" --markdown "$out/gpu_decode_bench.md" \
           ${EBENCH_ARGS:-} > "$out/gpu_decode_bench.log" 2>&1 || rc=1
         cat "$out/gpu_decode_bench.log" ;;

@@ -308,6 +308,9 @@ absl::Status CudaEngine::AllocateArena() {
     s.sample_out = a.Take<cuda_ops::SampleOut>(Sm);
     s.copy_src = a.Take<int32_t>(kMaxCopiesPerLaunch);
     s.copy_dst = a.Take<int32_t>(kMaxCopiesPerLaunch);
+    s.dec_rows = a.Take<int32_t>(Sm);
+    s.dec_context_lens = a.Take<int32_t>(Sm);
+    s.dec_block_tables = a.Take<int32_t>(Sm * MB);
   };
   auto carve = [&](Arena& a) {
     x_ = a.Take<float>(Tm * d);
@@ -579,7 +582,18 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
     host_.context_lens[i] = s.start_pos + static_cast<int32_t>(s.tokens.size());
     const int32_t nb = std::min<int32_t>(MB, static_cast<int32_t>(s.block_table.size()));
     std::copy_n(s.block_table.begin(), nb, table);
+    // Mixed step: one-token sequences (decodes, last prompt tokens) go to the
+    // split-K decode kernel; the prefill kernel would give each a whole
+    // 64-row tile and walk its context in one thread block.
+    if (!p.decode_only && s.tokens.size() == 1) {
+      const int32_t j = p.num_decode++;
+      host_.dec_rows[j] = host_.query_start[i];
+      host_.dec_context_lens[j] = host_.context_lens[i];
+      std::copy_n(s.block_table.begin(), nb, host_.dec_block_tables + int64_t{j} * MB);
+      p.dec_ctx_bucket = std::max(p.dec_ctx_bucket, host_.context_lens[i]);
+    }
   }
+  if (p.num_decode > 0) p.dec_ctx_bucket = CtxBucket(p.dec_ctx_bucket, c.max_position_embeddings);
 
   // Logits rows (token indices) and samples, in sequence order.
   p.sample_index.assign(n, -1);
@@ -731,6 +745,12 @@ absl::Status CudaEngine::Upload(const Plan& p) {
   RETURN_IF_ERROR(h2d(dev_.block_tables, host_.block_tables, int64_t{p.padded_seqs} * max_blocks_per_seq_));
   RETURN_IF_ERROR(h2d(dev_.logit_rows, host_.logit_rows, p.num_rows));
   RETURN_IF_ERROR(h2d(dev_.sample, host_.sample, p.num_sample));
+  if (p.num_decode > 0) {
+    RETURN_IF_ERROR(h2d(dev_.dec_rows, host_.dec_rows, p.num_decode));
+    RETURN_IF_ERROR(h2d(dev_.dec_context_lens, host_.dec_context_lens, p.num_decode));
+    RETURN_IF_ERROR(h2d(dev_.dec_block_tables, host_.dec_block_tables,
+                        int64_t{p.num_decode} * max_blocks_per_seq_));
+  }
   return absl::OkStatus();
 }
 

@@ -172,6 +172,11 @@ class CudaEngine final : public Engine {
     cuda_ops::SampleOut* sample_out = nullptr;  // [max_num_seqs]
     int32_t* copy_src = nullptr;      // [max_num_seqs] block copies (CoW)
     int32_t* copy_dst = nullptr;
+    // Mixed steps: the sequences with one new token as a decode sub-batch
+    // (query_start[j] = the token's row, so outputs land in place).
+    int32_t* dec_rows = nullptr;          // [max_num_seqs]
+    int32_t* dec_context_lens = nullptr;  // [max_num_seqs]
+    int32_t* dec_block_tables = nullptr;  // [max_num_seqs][max_blocks_per_seq]
   };
   // Host-side description of one step; its arrays are in host_ (pinned).
   struct Plan {
@@ -183,6 +188,8 @@ class CudaEngine final : public Engine {
     bool use_graph = false;
     int32_t max_new_tokens = 0;  // largest new-token count of a sequence
     int32_t ctx_bucket = 0;      // decode: plan the split-K for contexts up to this
+    int32_t num_decode = 0;      // mixed step: sequences in the decode sub-batch
+    int32_t dec_ctx_bucket = 0;  // mixed step: the sub-batch's split-K bucket
     int32_t num_rows = 0;        // logits rows (host_.logit_rows)
     int32_t num_sample = 0;      // sampled rows (host_.sample), in row order
     std::vector<int32_t> sample_index;  // [num_seqs] index into the samples, or -1

@@ -41,8 +41,19 @@ absl::Status CudaEngine::Forward(const Plan& p) {
   batch.query_start = dev_.query_start;
   batch.slot_mapping = dev_.slots;
   cuda::DecodePlan dplan;
-  if (p.decode_only) {
-    dplan = cuda::PlanDecode(views_[0], p.padded_seqs, c.num_heads, p.ctx_bucket, num_sms_);
+  PagedBatchView dec_batch;  // mixed step: its one-token sequences
+  if (p.decode_only || p.num_decode > 0) {
+    if (p.decode_only) {
+      dplan = cuda::PlanDecode(views_[0], p.padded_seqs, c.num_heads, p.ctx_bucket, num_sms_);
+    } else {
+      dplan = cuda::PlanDecode(views_[0], p.num_decode, c.num_heads, p.dec_ctx_bucket, num_sms_);
+      dec_batch.num_seqs = p.num_decode;
+      dec_batch.num_tokens = p.num_decode;
+      dec_batch.max_blocks_per_seq = max_blocks_per_seq_;
+      dec_batch.block_tables = dev_.dec_block_tables;
+      dec_batch.context_lens = dev_.dec_context_lens;
+      dec_batch.query_start = dev_.dec_rows;
+    }
     if (dplan.workspace_bytes > decode_ws_bytes_) {
       return absl::InternalError(absl::StrCat("decode plan needs ", dplan.workspace_bytes,
                                               " bytes of workspace, the arena has ", decode_ws_bytes_));
@@ -103,7 +114,15 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     if (p.decode_only) {
       CUDA_RETURN_IF_ERROR(cuda::PagedDecodeAttention(a, dplan, decode_ws_, stream_));
     } else {
-      CUDA_RETURN_IF_ERROR(cuda::PagedPrefillAttention(a, p.max_new_tokens, stream_));
+      if (p.num_decode > 0) {
+        cuda::AttentionArgs da = a;
+        da.batch = dec_batch;
+        CUDA_RETURN_IF_ERROR(cuda::PagedDecodeAttention(da, dplan, decode_ws_, stream_));
+        a.skip_single_token = true;
+      }
+      if (p.num_decode < p.num_seqs) {
+        CUDA_RETURN_IF_ERROR(cuda::PagedPrefillAttention(a, p.max_new_tokens, stream_));
+      }
     }
     RETURN_IF_ERROR(Mark("attention"));
     // Row-parallel projections accumulate into the residual x_; sharded, the

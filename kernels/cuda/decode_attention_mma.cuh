@@ -39,6 +39,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/kv_device.cuh"
+#include "kernels/cuda/mma_util.cuh"
 
 // Dynamic int8 / int4 codes as fp16 subnormals (compile-time switch, default
 // off: on an H100 it passed the 444 kernel tests but measured within noise of
@@ -82,26 +83,6 @@ constexpr int kMmaWarps = kMmaThreads / 32;
 template <KvDtype D>
 constexpr bool kMmaFormat = D == KvDtype::kFp8E4M3 || D == KvDtype::kFp8E5M2 ||
                             D == KvDtype::kInt8 || D == KvDtype::kInt4;
-
-__device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t H2Bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ __half2 BitsH2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
-
-// (x, y) -> fp16 pairs hi and lo with hi + lo ~ (x, y) to ~2^-22.
-__device__ __forceinline__ void SplitPair(float x, float y, uint32_t* hi, uint32_t* lo) {
-  const __half2 h = __floats2half2_rn(x, y);
-  const float2 hf = __half22float2(h);
-  *hi = H2Bits(h);
-  *lo = H2Bits(__floats2half2_rn(x - hf.x, y - hf.y));
-}
 
 __device__ __forceinline__ uint32_t CvtE4M3x2(uint32_t two_bytes) {
   uint32_t r;
@@ -457,10 +438,6 @@ __device__ __forceinline__ float Exp2Ftz(float x) {
   return y;
 }
 
-// floor(log2(x)) of a positive normal fp32 x, as a float (exact).
-__device__ __forceinline__ float FloorLog2(float x) {
-  return static_cast<float>(static_cast<int>((__float_as_uint(x) >> 23) & 0xFFu) - 127);
-}
 
 constexpr float kWeightScale = 16384.0f;  // 2^14: V weights sit in [2^14, 2^15) at their maximum
 

@@ -53,6 +53,10 @@ struct AttentionArgs {
   float* out = nullptr;          // [num_tokens][num_heads][head_dim] fp32
   int32_t num_heads = 0;         // multiple of cache.layout.num_kv_heads
   float softmax_scale = 0.0f;
+  // PagedPrefillAttention only: leave sequences with exactly one new token
+  // alone (their output rows are not written), so that a mixed step can run
+  // them through PagedDecodeAttention on a sub-batch.
+  bool skip_single_token = false;
 };
 
 // Split-K plan of one decode step, built once per step on the host. Each

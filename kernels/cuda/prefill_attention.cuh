@@ -1,7 +1,8 @@
 // Prefill / chunked-prefill attention over the paged, quantized cache.
 // Included only by the prefill_attention_*.cu instance files.
 //
-// Correctness first: a simple tiled flash-attention on CUDA cores. One thread
+// fp32 and bf16 caches: a simple tiled flash-attention on CUDA cores (the
+// other formats use the tensor-core kernel of prefill_attention_mma.cuh). One thread
 // block = (tile of query rows, kv head, sequence); its 64 query rows are
 // (token, head) pairs of up to 64 / Gs tokens and Gs query heads of one kv head.
 // For each tile of 32 cached positions, K and V are dequantized into shared
@@ -40,6 +41,7 @@ struct PrefillParams {
   int32_t tokens_per_cta; // kPfRows / Gs
   int32_t log2_bs;
   float q_scale;          // softmax_scale * log2(e)
+  bool skip_single;       // sequences with one new token are left to the decode kernel
 };
 
 template <int HD>
@@ -79,7 +81,7 @@ __global__ void __launch_bounds__(kPfThreads) PrefillKernel(const PrefillParams 
   const int n = p.query_start[seq + 1] - q0;
   const int ctx = p.context_lens[seq];
   const int i0 = blockIdx.x * p.tokens_per_cta;
-  if (i0 >= n) return;
+  if (i0 >= n || (p.skip_single && n == 1)) return;
   const int nt = min(p.tokens_per_cta, n - i0);
   const int gs = p.heads_per_cta;
   const int tid = threadIdx.x;
@@ -269,6 +271,11 @@ __global__ void __launch_bounds__(kPfThreads) PrefillKernel(const PrefillParams 
 }
 
 }  // namespace detail
+}  // namespace strata::cuda
+
+#include "kernels/cuda/prefill_attention_mma.cuh"
+
+namespace strata::cuda {
 
 template <KvDtype D, KvScaleMode M, int HD>
 cudaError_t PrefillOp::Run(const AttentionArgs& a, int32_t max_new_tokens, cudaStream_t stream) {
@@ -290,13 +297,23 @@ cudaError_t PrefillOp::Run(const AttentionArgs& a, int32_t max_new_tokens, cudaS
   p.tokens_per_cta = detail::kPfRows / gs;
   p.log2_bs = Log2Int(a.cache.layout.block_size);
   p.q_scale = a.softmax_scale * kLog2e;
-  static KernelAttrCache attrs;
-  auto kernel = detail::PrefillKernel<D, M, HD>;
-  cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), S::kBytes, &attrs);
-  if (err != cudaSuccess) return err;
+  p.skip_single = a.skip_single_token;
   const dim3 grid((max_new_tokens + p.tokens_per_cta - 1) / p.tokens_per_cta,
                   a.cache.layout.num_kv_heads * p.groups_per_kv, a.batch.num_seqs);
-  kernel<<<grid, detail::kPfThreads, S::kBytes, stream>>>(p);
+  static KernelAttrCache attrs;
+  if constexpr (detail::kPrefillMma<D> && HD % 16 == 0) {
+    // Tensor cores (fp32-accurate, see prefill_attention_mma.cuh).
+    constexpr int kBytes = detail::PrefillMmaSmem<HD>::kBytes;
+    auto kernel = detail::PrefillMmaKernel<D, M, HD>;
+    cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), kBytes, &attrs);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, detail::kPfThreads, kBytes, stream>>>(p);
+  } else {  // fp32 and bf16 caches: CUDA cores
+    auto kernel = detail::PrefillKernel<D, M, HD>;
+    cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), S::kBytes, &attrs);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, detail::kPfThreads, S::kBytes, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

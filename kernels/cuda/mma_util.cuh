@@ -1,0 +1,39 @@
+// Tensor-core primitives shared by the decode and prefill attention kernels:
+// mma.sync m16n8k16 (fp16 inputs, fp32 accumulation) and the fp16 hi + lo
+// split that keeps fp32 operands at ~2^-22 relative accuracy through two MMAs.
+// Internal to kernels/cuda.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace strata::cuda::detail {
+
+__device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t H2Bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 BitsH2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// (x, y) -> fp16 pairs hi and lo with hi + lo ~ (x, y) to ~2^-22.
+__device__ __forceinline__ void SplitPair(float x, float y, uint32_t* hi, uint32_t* lo) {
+  const __half2 h = __floats2half2_rn(x, y);
+  const float2 hf = __half22float2(h);
+  *hi = H2Bits(h);
+  *lo = H2Bits(__floats2half2_rn(x - hf.x, y - hf.y));
+}
+
+// floor(log2(x)) of a positive normal fp32 x, as a float (exact).
+__device__ __forceinline__ float FloorLog2(float x) {
+  return static_cast<float>(static_cast<int>((__float_as_uint(x) >> 23) & 0xFFu) - 127);
+}
+
+}  // namespace strata::cuda::detail

@@ -1,0 +1,333 @@
+// Tensor-core prefill attention for the fp16, fp8 (e4m3, e5m2), int8 and int4
+// caches. Included by prefill_attention.cuh, after PrefillParams.
+//
+// Same work split as the CUDA-core kernel: one thread block = (64 query rows
+// of one kv head, i.e. up to 64 / Gs tokens x Gs heads; kv head; sequence),
+// 4 warps of 16 rows each, 32-position K/V tiles, causal mask, online softmax
+// in the log2 domain. Both products run on mma.sync.m16n8k16 (fp16 inputs,
+// fp32 accumulation) and keep fp32 accuracy:
+//   - The cache enters as its raw values (DecodeChunk: fp16 values, unscaled
+//     fp8 values, integer codes), which fp16 holds exactly; the per-token (or
+//     per-head) scale multiplies the logit and the softmax weight, and the
+//     zero point is folded outside the products:
+//       logit  = s_k * (q . code_k - z_k * sum(q))
+//       output = (sum_t w_t code_v,t - sum_t w_t z_v,t) / l,  w_t = p_t * s_v,t
+//   - The fp32 query and the fp32 weights w are split into fp16 hi + lo
+//     halves (two MMAs each). The weights are first multiplied by a per-row
+//     power of two that puts the largest weight seen near 2^14 (it only
+//     decreases, by exact powers of two applied to the accumulators too), so
+//     neither half overflows or loses bits to fp16 subnormals.
+// K is staged row-major ([position][dim]) and V transposed ([dim][position])
+// in shared memory, with padded rows so every fragment read is free of bank
+// conflicts. The S accumulators of two 8-position tiles are, register for
+// register, the A operand of the P V product (no trip through shared memory).
+// A warp skips the products of a tile that lies wholly after its last row's
+// position.
+#pragma once
+
+#include "kernels/cuda/mma_util.cuh"
+
+namespace strata::cuda::detail {
+
+template <KvDtype D>
+constexpr bool kPrefillMma = D == KvDtype::kFp16 || D == KvDtype::kFp8E4M3 ||
+                             D == KvDtype::kFp8E5M2 || D == KvDtype::kInt8 ||
+                             D == KvDtype::kInt4;
+
+constexpr int kPmKt = 32;  // cached positions per tile
+
+template <int HD>
+struct PrefillMmaSmem {
+  static_assert(HD % 16 == 0);
+  static constexpr int kQStride = HD + 8;     // halves per Q / K row
+  static constexpr int kVStride = kPmKt + 8;  // halves per transposed V row (one per dim)
+  static constexpr int kQHi = 0;              // byte offsets
+  static constexpr int kQLo = kQHi + kPfRows * kQStride * 2;
+  static constexpr int kK = kQLo + kPfRows * kQStride * 2;
+  static constexpr int kV = kK + kPmKt * kQStride * 2;
+  static constexpr int kMeta = kV + HD * kVStride * 2;  // K scales, K zeros, V scales, V zeros
+  static constexpr int kQSum = kMeta + 4 * kPmKt * 4;   // [kPfRows] fp32
+  static constexpr int kBytes = kQSum + kPfRows * 4;
+};
+
+__device__ __forceinline__ uint32_t LdsU32(const __half* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+template <KvDtype D, KvScaleMode M, int HD>
+__global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillParams p) {
+  using S = PrefillMmaSmem<HD>;
+  constexpr int kNc = HD / 8;
+  constexpr int kCb = ChunkTraits<D>::kBytes;
+  constexpr int kRowBytes = HD * KvDtypeBits(D) / 8;
+  constexpr int kKs = HD / 16;  // k-steps of Q K^T
+  constexpr int kDn = HD / 8;   // 8-dim output tiles
+  constexpr int kQs = S::kQStride;
+  constexpr int kVs = S::kVStride;
+  constexpr bool kInt = KvDtypeIsInteger(D);
+  constexpr bool kScaled = M != KvScaleMode::kNone;
+  extern __shared__ __align__(16) uint8_t psm[];
+  __half* qhi = reinterpret_cast<__half*>(psm + S::kQHi);
+  __half* qlo = reinterpret_cast<__half*>(psm + S::kQLo);
+  __half* kc = reinterpret_cast<__half*>(psm + S::kK);
+  __half* vt = reinterpret_cast<__half*>(psm + S::kV);
+  float* mks = reinterpret_cast<float*>(psm + S::kMeta);
+  float* mkz = mks + kPmKt;
+  float* mvs = mkz + kPmKt;
+  float* mvz = mvs + kPmKt;
+  float* qsum = reinterpret_cast<float*>(psm + S::kQSum);
+
+  const int seq = blockIdx.z;
+  const int kvh = blockIdx.y / p.groups_per_kv;
+  const int head0 = kvh * p.group + (blockIdx.y % p.groups_per_kv) * p.heads_per_cta;
+  const int q0 = p.query_start[seq];
+  const int n = p.query_start[seq + 1] - q0;
+  const int ctx = p.context_lens[seq];
+  const int i0 = blockIdx.x * p.tokens_per_cta;
+  if (i0 >= n || (p.skip_single && n == 1)) return;
+  const int nt = min(p.tokens_per_cta, n - i0);
+  const int gs = p.heads_per_cta;
+  const int tid = threadIdx.x;
+  const int pos_first = ctx - n + i0;
+  const int kv_end = min(ctx, pos_first + nt);
+  const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+
+  // Query rows, pre-scaled, as fp16 hi + lo; invalid rows are zero.
+  for (int idx = tid; idx < kPfRows * HD; idx += kPfThreads) {
+    const int r = idx / HD, d = idx % HD;
+    const int i = r / gs, g = r % gs;
+    float v = 0.0f;
+    if (i < nt) {
+      v = p.query[(static_cast<int64_t>(q0 + i0 + i) * p.num_heads + head0 + g) * HD + d] *
+          p.q_scale;
+    }
+    const __half h = __float2half_rn(v);
+    qhi[r * kQs + d] = h;
+    qlo[r * kQs + d] = __float2half_rn(v - __half2float(h));
+  }
+  __syncthreads();
+  if constexpr (kInt) {  // sum(q) of each row, as the MMAs see q (hi + lo)
+    if (tid < kPfRows) {
+      float s = 0.0f;
+      for (int d = 0; d < HD; ++d) {
+        s += __half2float(qhi[tid * kQs + d]) + __half2float(qlo[tid * kQs + d]);
+      }
+      qsum[tid] = s;
+    }
+  }
+
+  RowScaleReader<D, M> kscale, vscale;
+  kscale.Init(p.cache.k_scale, p.cache.k_zero, kvh);
+  vscale.Init(p.cache.v_scale, p.cache.v_zero, kvh);
+  const KvBlockLayout& lay = p.cache.layout;
+  const int bs_mask = (1 << p.log2_bs) - 1;
+  const uint32_t head_row = static_cast<uint32_t>(kvh) << p.log2_bs;
+
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's two rows
+  const bool ok0 = r0 / gs < nt, ok1 = r1 / gs < nt;
+  const int pos0 = pos_first + r0 / gs, pos1 = pos_first + r1 / gs;
+  // Last position any row of this warp attends to (-1: the warp has no rows).
+  const int warp_tokens = min(nt - 1, (warp * 16 + 15) / gs);
+  const int warp_last = (warp * 16) / gs < nt ? pos_first + warp_tokens : -1;
+
+  float o[kDn][4];
+#pragma unroll
+  for (int dn = 0; dn < kDn; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY;  // running max (log2 domain)
+  float l0 = 0.0f, l1 = 0.0f;            // this lane's share of the softmax sums
+  float z0 = 0.0f, z1 = 0.0f;            // this lane's share of sum w z_v
+  float ws0 = 0.0f, ws1 = 0.0f;          // weight scale of the rows (0: none yet)
+  float qs0 = 0.0f, qs1 = 0.0f;
+
+  for (int k0 = 0; k0 < kv_end; k0 += kPmKt) {
+    __syncthreads();  // the previous tile is consumed (and qsum is written)
+    if constexpr (kInt) {
+      if (k0 == 0) qs0 = qsum[r0], qs1 = qsum[r1];
+    }
+    // Stage positions [k0, k0 + 32): a warp takes one 8-dim chunk of 32 positions.
+    for (int idx = tid; idx < kPmKt * kNc; idx += kPfThreads) {
+      const int tt = idx % kPmKt, ch = idx / kPmKt;
+      const int pos = k0 + tt;
+      float kx[8], vx[8];
+      if (pos < kv_end) {
+        const int32_t b = table[pos >> p.log2_bs];
+        const uint32_t ridx = head_row + (pos & bs_mask);
+        const uint8_t* blk = p.cache.pool + static_cast<int64_t>(b) * lay.block_bytes;
+        uint32_t kw[ChunkTraits<D>::kWords], vw[ChunkTraits<D>::kWords];
+        LoadChunk<kCb>(blk + lay.k_data + ridx * kRowBytes + ch * kCb, kw);
+        LoadChunk<kCb>(blk + lay.v_data + ridx * kRowBytes + ch * kCb, vw);
+        DecodeChunk<D>(kw, kx);
+        DecodeChunk<D>(vw, vx);
+        if (ch == 0) {
+          float sk, zk, sv, zv;
+          kscale.Read(blk, lay.k_scale, lay.k_zero, ridx, &sk, &zk);
+          vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &sv, &zv);
+          mks[tt] = sk, mkz[tt] = zk, mvs[tt] = sv, mvz[tt] = zv;
+        }
+      } else {  // past the context: zeros (stale bytes could be NaN or Inf)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) kx[e] = vx[e] = 0.0f;
+        if (ch == 0) mks[tt] = mkz[tt] = mvs[tt] = mvz[tt] = 0.0f;
+      }
+      uint4 kh;
+      kh.x = H2Bits(__floats2half2_rn(kx[0], kx[1]));
+      kh.y = H2Bits(__floats2half2_rn(kx[2], kx[3]));
+      kh.z = H2Bits(__floats2half2_rn(kx[4], kx[5]));
+      kh.w = H2Bits(__floats2half2_rn(kx[6], kx[7]));
+      *reinterpret_cast<uint4*>(kc + tt * kQs + ch * 8) = kh;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vt[(ch * 8 + e) * kVs + tt] = __float2half_rn(vx[e]);
+    }
+    __syncthreads();
+    if (k0 > warp_last) continue;  // warp-uniform: the tile is after all of its rows
+
+    // Logits of the warp's 16 rows x 32 positions: 4 tiles of 8 positions.
+    float sc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kKs; ++kk) {
+      const __half* qa = qhi + r0 * kQs + kk * 16 + 2 * c;
+      const __half* qb = qlo + r0 * kQs + kk * 16 + 2 * c;
+      const uint32_t h0 = LdsU32(qa), h1 = LdsU32(qa + 8 * kQs), h2 = LdsU32(qa + 8),
+                     h3 = LdsU32(qa + 8 * kQs + 8);
+      const uint32_t e0 = LdsU32(qb), e1 = LdsU32(qb + 8 * kQs), e2 = LdsU32(qb + 8),
+                     e3 = LdsU32(qb + 8 * kQs + 8);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const __half* kb = kc + (8 * j + g) * kQs + kk * 16 + 2 * c;
+        const uint32_t b0 = LdsU32(kb), b1 = LdsU32(kb + 8);
+        Mma16816(sc[j], h0, h1, h2, h3, b0, b1);
+        Mma16816(sc[j], e0, e1, e2, e3, b0, b1);
+      }
+    }
+    // Scale, zero-point fold, causal mask; the tile's row maxima.
+    float t0 = -INFINITY, t1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int tt = 8 * j + 2 * c + (e & 1);
+        const int pos = k0 + tt;
+        const bool hi = e >= 2;
+        float x = sc[j][e];
+        if constexpr (kInt) {
+          x = mks[tt] * (x - mkz[tt] * (hi ? qs1 : qs0));
+        } else if constexpr (kScaled) {
+          x *= mks[tt];
+        }
+        const bool vis = hi ? (ok1 && pos <= pos1) : (ok0 && pos <= pos0);
+        x = vis && pos < kv_end ? x : -INFINITY;
+        sc[j][e] = x;
+        if (hi) t1 = fmaxf(t1, x); else t0 = fmaxf(t0, x);
+      }
+    }
+    t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 1));
+    t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 2));
+    t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 1));
+    t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 2));
+    const float mn0 = fmaxf(m0, t0), mn1 = fmaxf(m1, t1);
+    const float base0 = mn0 == -INFINITY ? 0.0f : mn0;
+    const float base1 = mn1 == -INFINITY ? 0.0f : mn1;
+    float f0 = exp2f(m0 - base0), f1 = exp2f(m1 - base1);  // rescale of the old state
+    m0 = mn0, m1 = mn1;
+    // Weights w = p * s_v (in sc), sums, and the largest weight of each row.
+    float ls0 = 0.0f, ls1 = 0.0f, zs0 = 0.0f, zs1 = 0.0f, wm0 = 0.0f, wm1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int tt = 8 * j + 2 * c + (e & 1);
+        const bool hi = e >= 2;
+        const float pr = exp2f(sc[j][e] - (hi ? base1 : base0));
+        float w = pr;
+        if constexpr (kScaled) w *= mvs[tt];
+        if (hi) {
+          ls1 += pr, wm1 = fmaxf(wm1, w);
+          if constexpr (kInt) zs1 += w * mvz[tt];
+        } else {
+          ls0 += pr, wm0 = fmaxf(wm0, w);
+          if constexpr (kInt) zs0 += w * mvz[tt];
+        }
+        sc[j][e] = w;
+      }
+    }
+    l0 = l0 * f0 + ls0, l1 = l1 * f1 + ls1;
+    z0 = z0 * f0 + zs0, z1 = z1 * f1 + zs1;
+    wm0 = fmaxf(wm0, __shfl_xor_sync(0xffffffffu, wm0, 1));
+    wm0 = fmaxf(wm0, __shfl_xor_sync(0xffffffffu, wm0, 2));
+    wm1 = fmaxf(wm1, __shfl_xor_sync(0xffffffffu, wm1, 1));
+    wm1 = fmaxf(wm1, __shfl_xor_sync(0xffffffffu, wm1, 2));
+    if (wm0 > 1e-30f) {
+      const float want = exp2f(14.0f - FloorLog2(wm0));
+      if (ws0 == 0.0f) {
+        ws0 = want;
+      } else if (want < ws0) {
+        f0 *= want / ws0;  // exact: powers of two
+        ws0 = want;
+      }
+    }
+    if (wm1 > 1e-30f) {
+      const float want = exp2f(14.0f - FloorLog2(wm1));
+      if (ws1 == 0.0f) {
+        ws1 = want;
+      } else if (want < ws1) {
+        f1 *= want / ws1;
+        ws1 = want;
+      }
+    }
+#pragma unroll
+    for (int dn = 0; dn < kDn; ++dn) {
+      o[dn][0] *= f0, o[dn][1] *= f0;
+      o[dn][2] *= f1, o[dn][3] *= f1;
+    }
+    // O += W V over two 16-position k-steps.
+#pragma unroll
+    for (int kp = 0; kp < 2; ++kp) {
+      uint32_t ah[4], al[4];
+      SplitPair(sc[2 * kp][0] * ws0, sc[2 * kp][1] * ws0, &ah[0], &al[0]);
+      SplitPair(sc[2 * kp][2] * ws1, sc[2 * kp][3] * ws1, &ah[1], &al[1]);
+      SplitPair(sc[2 * kp + 1][0] * ws0, sc[2 * kp + 1][1] * ws0, &ah[2], &al[2]);
+      SplitPair(sc[2 * kp + 1][2] * ws1, sc[2 * kp + 1][3] * ws1, &ah[3], &al[3]);
+#pragma unroll
+      for (int dn = 0; dn < kDn; ++dn) {
+        const __half* vb = vt + (8 * dn + g) * kVs + 16 * kp + 2 * c;
+        const uint32_t b0 = LdsU32(vb), b1 = LdsU32(vb + 8);
+        Mma16816(o[dn], ah[0], ah[1], ah[2], ah[3], b0, b1);
+        Mma16816(o[dn], al[0], al[1], al[2], al[3], b0, b1);
+      }
+    }
+  }
+
+  // The quad's shares of the sums, then out = (o / ws - sum w z) / l.
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  if constexpr (kInt) {
+    z0 += __shfl_xor_sync(0xffffffffu, z0, 1);
+    z0 += __shfl_xor_sync(0xffffffffu, z0, 2);
+    z1 += __shfl_xor_sync(0xffffffffu, z1, 1);
+    z1 += __shfl_xor_sync(0xffffffffu, z1, 2);
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half ? r1 : r0;
+    if (!(half ? ok1 : ok0)) continue;
+    const float ws = half ? ws1 : ws0;
+    const float inv_ws = ws > 0.0f ? 1.0f / ws : 0.0f;
+    const float zz = half ? z1 : z0;
+    const float inv_l = 1.0f / (half ? l1 : l0);
+    const int i = r / gs, hg = r % gs;
+    float* dst = p.out + (static_cast<int64_t>(q0 + i0 + i) * p.num_heads + head0 + hg) * HD;
+#pragma unroll
+    for (int dn = 0; dn < kDn; ++dn) {
+      const float a = (o[dn][2 * half] * inv_ws - zz) * inv_l;
+      const float b = (o[dn][2 * half + 1] * inv_ws - zz) * inv_l;
+      *reinterpret_cast<float2*>(dst + 8 * dn + 2 * c) = make_float2(a, b);
+    }
+  }
+}
+
+}  // namespace strata::cuda::detail
