@@ -172,6 +172,11 @@ void PrintSummary(const nlohmann::json& r) {
        absl::StrFormat("%.2f", res["output_throughput"].get<double>()));
   line("Total token throughput (tok/s):",
        absl::StrFormat("%.2f", res["total_token_throughput"].get<double>()));
+  if (!res["saturated_output_throughput"].is_null()) {
+    line("Output tok/s until the last admission:",
+         absl::StrFormat("%.2f (first %.2f s)", res["saturated_output_throughput"].get<double>(),
+                         res["saturated_window_s"].get<double>()));
+  }
   for (const auto& [key, title] : {std::pair{"ttft_ms", "Time to first token"},
                                    std::pair{"tpot_ms", "Time per output token (excl. 1st)"},
                                    std::pair{"itl_ms", "Inter-token latency"},

@@ -86,6 +86,7 @@ class GenerateCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
       }
       last_ = now;
       result_->output_tokens += chunk_.token_ids_size();
+      result_->token_times.emplace_back(Seconds(now - run_start_), chunk_.token_ids_size());
     }
     if (chunk_.has_usage()) {
       result_->prompt_tokens = chunk_.usage().prompt_tokens();

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench/serving_bench_workload.h"
@@ -25,6 +26,8 @@ struct RequestResult {
   int output_tokens = 0;      // token ids received
   int usage_output_tokens = -1;  // usage.completion_tokens from the last message
   std::vector<double> itl_s;  // gaps between consecutive messages carrying token ids
+  // (seconds from the start of the run, token ids) of each message carrying token ids.
+  std::vector<std::pair<double, int>> token_times;
   grpc::StatusCode code = grpc::StatusCode::UNKNOWN;
   std::string error;  // the status message when code != OK
 };

@@ -88,6 +88,22 @@ nlohmann::json BuildResults(const std::vector<RequestSpec>& specs,
     }
     itl.insert(itl.end(), r.itl_s.begin(), r.itl_s.end());
   }
+  // Saturated phase: from the start of the run to the last request's first
+  // token. Until then the server still has requests to admit; afterwards it
+  // only drains (fewer and fewer sequences, the longest outputs last), a tail
+  // that is the same length for any KV format and dilutes the full-run rate.
+  double t_last_first = -1;
+  for (size_t i = 0; i < results.size(); ++i) {
+    const RequestResult& r = results[i];
+    if (r.code == grpc::StatusCode::OK && r.ttft_s >= 0) {
+      t_last_first = std::max(t_last_first, r.send_s + r.ttft_s);
+    }
+  }
+  int64_t saturated_tokens = 0;
+  for (const RequestResult& r : results) {
+    if (r.code != grpc::StatusCode::OK) continue;
+    for (const auto& [t, n] : r.token_times) saturated_tokens += t <= t_last_first ? n : 0;
+  }
   const double d = duration_s > 0 ? duration_s : 1e-9;
   nlohmann::json out = {
       {"num_requests", results.size()},
@@ -103,6 +119,10 @@ nlohmann::json BuildResults(const std::vector<RequestSpec>& specs,
       {"request_throughput", completed / d},
       {"output_throughput", static_cast<double>(output_tokens) / d},
       {"total_token_throughput", static_cast<double>(input_tokens + output_tokens) / d},
+      {"saturated_window_s", t_last_first > 0 ? nlohmann::json(t_last_first) : nullptr},
+      {"saturated_output_throughput",
+       t_last_first > 0 ? nlohmann::json(static_cast<double>(saturated_tokens) / t_last_first)
+                        : nullptr},
       {"ttft_ms", Summarize(ttft, 1e3)},
       {"tpot_ms", Summarize(tpot, 1e3)},
       {"itl_ms", Summarize(itl, 1e3)},

@@ -22,7 +22,9 @@ nlohmann::json Summarize(std::vector<double> values, double scale);
 //   tpot  = (e2e - ttft) / (output_tokens - 1), requests with >= 2 output tokens
 //   itl   = gaps between messages carrying token ids, all requests pooled
 //   e2e   = call start to end of stream
-// Throughputs count successful requests only, over `duration_s`.
+// Throughputs count successful requests only, over `duration_s`;
+// saturated_output_throughput counts the tokens received from the start of the run to the
+// last request's first token (saturated_window_s), before the server only drains.
 nlohmann::json BuildResults(const std::vector<RequestSpec>& specs,
                             const std::vector<RequestResult>& results, double duration_s,
                             bool per_request);

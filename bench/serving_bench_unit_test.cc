@@ -157,6 +157,29 @@ TEST(ServingBenchStats, ResultsCountOnlySuccessfulRequests) {
   EXPECT_EQ(j["requests"][2]["status"], "RESOURCE_EXHAUSTED");
 }
 
+TEST(ServingBenchStats, SaturatedThroughputStopsAtTheLastFirstToken) {
+  std::vector<RequestSpec> specs(2, RequestSpec{.input_len = 4, .output_len = 4});
+  std::vector<RequestResult> res(2);
+  for (RequestResult& r : res) {
+    r.code = grpc::StatusCode::OK;
+    r.output_tokens = r.usage_output_tokens = 4;
+    r.e2e_s = 4;
+  }
+  // Request 0: tokens at 1, 2, 3, 4 s; request 1 sent at 1 s, first token at 2 s, then 5, 6, 7.
+  res[0].send_s = 0, res[0].ttft_s = 1;
+  res[0].token_times = {{1, 1}, {2, 1}, {3, 1}, {4, 1}};
+  res[1].send_s = 1, res[1].ttft_s = 1;
+  res[1].token_times = {{2, 1}, {5, 1}, {6, 1}, {7, 1}};
+  const nlohmann::json j = BuildResults(specs, res, 7.0, false);
+  EXPECT_DOUBLE_EQ(j["saturated_window_s"].get<double>(), 2.0);
+  EXPECT_DOUBLE_EQ(j["saturated_output_throughput"].get<double>(), 1.5);  // 3 tokens by 2 s
+  EXPECT_DOUBLE_EQ(j["output_throughput"].get<double>(), 8.0 / 7.0);
+  res[1].code = grpc::StatusCode::UNAVAILABLE;  // failed requests count for neither
+  const nlohmann::json k = BuildResults(specs, res, 7.0, false);
+  EXPECT_DOUBLE_EQ(k["saturated_window_s"].get<double>(), 1.0);
+  EXPECT_DOUBLE_EQ(k["saturated_output_throughput"].get<double>(), 1.0);
+}
+
 TEST(ServingBenchHttp, ParsesUrls) {
   absl::StatusOr<HttpUrl> u = ParseHttpUrl("http://localhost:9400/metrics");
   ASSERT_TRUE(u.ok());

@@ -432,10 +432,16 @@ TEST(GpuMixedSteps, OneTokenRowsMatchDecodeOnlySteps) {
     }
     return d;
   };
+  // int4 and fp8 are left out: there the GEMMs' different row counts move
+  // the rewritten K/V across quantization boundaries (logit changes of 0.1-0.8
+  // measured on an H200), which hides what this test is for. Their kernels
+  // are compared with the CPU ones in kernels/cuda/kv_cache_cuda_test.cc.
   for (KvFormat fmt : {KvFormat{KvDtype::kFp16, KvScaleMode::kNone},
                        KvFormat{KvDtype::kInt8, KvScaleMode::kDynamic},
-                       KvFormat{KvDtype::kInt4, KvScaleMode::kDynamic}}) {
-    auto e = MakeEngine(Options(fmt));
+                       KvFormat{KvDtype::kInt8, KvScaleMode::kStatic}}) {
+    std::optional<KvQuantParams> qp;
+    if (fmt.scale_mode == KvScaleMode::kStatic) qp = Calibrate(fmt.dtype);
+    auto e = MakeEngine(Options(fmt), qp);
     ASSERT_TRUE(e);
     const auto& p0 = g.prompts[0];
     const auto& p1 = g.prompts[1];

@@ -7,9 +7,10 @@
 // in the log2 domain. Both products run on mma.sync.m16n8k16 (fp16 inputs,
 // fp32 accumulation) and keep fp32 accuracy:
 //   - The cache enters as its raw values (DecodeChunk: fp16 values, unscaled
-//     fp8 values, integer codes), which fp16 holds exactly; the per-token (or
-//     per-head) scale multiplies the logit and the softmax weight, and the
-//     zero point is folded outside the products:
+//     fp8 values, integer codes minus their integer per-token zero point),
+//     which fp16 holds exactly; the per-token (or per-head) scale multiplies
+//     the logit and the softmax weight, and a static (float) zero point is
+//     folded outside the products:
 //       logit  = s_k * (q . code_k - z_k * sum(q))
 //       output = (sum_t w_t code_v,t - sum_t w_t z_v,t) / l,  w_t = p_t * s_v,t
 //   - The fp32 query and the fp32 weights w are split into fp16 hi + lo
@@ -66,6 +67,12 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
   constexpr int kVs = S::kVStride;
   constexpr bool kInt = KvDtypeIsInteger(D);
   constexpr bool kScaled = M != KvScaleMode::kNone;
+  // Dynamic zero points are integers: code - zero is exact in fp16 and goes
+  // into the MMAs directly (folding a large zero outside loses accuracy to
+  // the tensor cores' fp32 accumulation at long contexts). Static int8 zero
+  // points are arbitrary floats and are folded.
+  constexpr bool kZeroInCodes = kInt && M == KvScaleMode::kDynamic;
+  constexpr bool kFold = kInt && !kZeroInCodes;
   extern __shared__ __align__(16) uint8_t psm[];
   __half* qhi = reinterpret_cast<__half*>(psm + S::kQHi);
   __half* qlo = reinterpret_cast<__half*>(psm + S::kQLo);
@@ -106,7 +113,7 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
     qlo[r * kQs + d] = __float2half_rn(v - __half2float(h));
   }
   __syncthreads();
-  if constexpr (kInt) {  // sum(q) of each row, as the MMAs see q (hi + lo)
+  if constexpr (kFold) {  // sum(q) of each row, as the MMAs see q (hi + lo)
     if (tid < kPfRows) {
       float s = 0.0f;
       for (int d = 0; d < HD; ++d) {
@@ -142,7 +149,7 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
 
   for (int k0 = 0; k0 < kv_end; k0 += kPmKt) {
     __syncthreads();  // the previous tile is consumed (and qsum is written)
-    if constexpr (kInt) {
+    if constexpr (kFold) {
       if (k0 == 0) qs0 = qsum[r0], qs1 = qsum[r1];
     }
     // Stage positions [k0, k0 + 32): a warp takes one 8-dim chunk of 32 positions.
@@ -159,12 +166,15 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
         LoadChunk<kCb>(blk + lay.v_data + ridx * kRowBytes + ch * kCb, vw);
         DecodeChunk<D>(kw, kx);
         DecodeChunk<D>(vw, vx);
-        if (ch == 0) {
-          float sk, zk, sv, zv;
-          kscale.Read(blk, lay.k_scale, lay.k_zero, ridx, &sk, &zk);
-          vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &sv, &zv);
-          mks[tt] = sk, mkz[tt] = zk, mvs[tt] = sv, mvz[tt] = zv;
+        float sk, zk, sv, zv;
+        kscale.Read(blk, lay.k_scale, lay.k_zero, ridx, &sk, &zk);
+        vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &sv, &zv);
+        if constexpr (kZeroInCodes) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) kx[e] -= zk, vx[e] -= zv;
+          zk = zv = 0.0f;
         }
+        if (ch == 0) mks[tt] = sk, mkz[tt] = zk, mvs[tt] = sv, mvz[tt] = zv;
       } else {  // past the context: zeros (stale bytes could be NaN or Inf)
 #pragma unroll
         for (int e = 0; e < 8; ++e) kx[e] = vx[e] = 0.0f;
@@ -212,7 +222,7 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
         const int pos = k0 + tt;
         const bool hi = e >= 2;
         float x = sc[j][e];
-        if constexpr (kInt) {
+        if constexpr (kFold) {
           x = mks[tt] * (x - mkz[tt] * (hi ? qs1 : qs0));
         } else if constexpr (kScaled) {
           x *= mks[tt];
@@ -245,10 +255,10 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
         if constexpr (kScaled) w *= mvs[tt];
         if (hi) {
           ls1 += pr, wm1 = fmaxf(wm1, w);
-          if constexpr (kInt) zs1 += w * mvz[tt];
+          if constexpr (kFold) zs1 += w * mvz[tt];
         } else {
           ls0 += pr, wm0 = fmaxf(wm0, w);
-          if constexpr (kInt) zs0 += w * mvz[tt];
+          if constexpr (kFold) zs0 += w * mvz[tt];
         }
         sc[j][e] = w;
       }
@@ -305,7 +315,7 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  if constexpr (kInt) {
+  if constexpr (kFold) {
     z0 += __shfl_xor_sync(0xffffffffu, z0, 1);
     z0 += __shfl_xor_sync(0xffffffffu, z0, 2);
     z1 += __shfl_xor_sync(0xffffffffu, z1, 1);
