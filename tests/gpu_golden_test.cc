@@ -471,10 +471,13 @@ TEST(GpuMixedSteps, OneTokenRowsMatchDecodeOnlySteps) {
     const double d2 = max_diff(c, c.row_begin[0], b, b.row_begin[1]);
     std::printf("[mixed %-16s] one-token rows vs decode-only step: max |dlogit| %.4f, %.4f; "
                 "prefill row vs alone: %.4f\n", KvFormatName(fmt).c_str(), d0, d1, d2);
-    // Same attention kernels; only the GEMMs' row counts differ (fp16 activations).
-    EXPECT_LT(d0, 0.05) << KvFormatName(fmt);
-    EXPECT_LT(d1, 0.05) << KvFormatName(fmt);
-    EXPECT_LT(d2, 0.05) << KvFormatName(fmt);
+    // Same attention kernels; only the GEMMs' row counts differ (fp16
+    // activations; with int8 an occasional code moves by one step: up to
+    // 0.06 measured on an H200). A misplaced row differs by whole units.
+    const double tol = fmt.dtype == KvDtype::kFp16 ? 0.03 : 0.15;
+    EXPECT_LT(d0, tol) << KvFormatName(fmt);
+    EXPECT_LT(d1, tol) << KvFormatName(fmt);
+    EXPECT_LT(d2, tol) << KvFormatName(fmt);
   }
 }
 
