@@ -16,7 +16,8 @@ import json
 import sys
 
 COLUMNS = [
-    "label", "kv dtype", "tp", "workload", "rate / conc.", "req/s", "out tok/s", "total tok/s",
+    "label", "kv dtype", "tp", "workload", "rate / conc.", "req/s", "out tok/s",
+    "out tok/s to last admission", "total tok/s",
     "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "peak KV", "preempt.",
 ]
 
@@ -71,6 +72,7 @@ def row(r, path):
         "rate / conc.": f"{rate_text} / {conc if conc else '-'}",
         "req/s": _num(res.get("request_throughput"), "{:.2f}"),
         "out tok/s": _num(res.get("output_throughput"), "{:.1f}"),
+        "out tok/s to last admission": _num(res.get("saturated_output_throughput"), "{:.1f}"),
         "total tok/s": _num(res.get("total_token_throughput"), "{:.1f}"),
         "TTFT p50 (ms)": _num(_get(res, "ttft_ms", "p50"), "{:.1f}"),
         "TTFT p99 (ms)": _num(_get(res, "ttft_ms", "p99"), "{:.1f}"),
