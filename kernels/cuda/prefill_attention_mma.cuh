@@ -23,7 +23,7 @@
 // conflicts. The S accumulators of two 8-position tiles are, register for
 // register, the A operand of the P V product (no trip through shared memory).
 // A warp skips the products of a tile that lies wholly after its last row's
-// position. The next tile's loads are issued before the current tile's MMAs.
+// position.
 #pragma once
 
 #include "kernels/cuda/mma_util.cuh"
@@ -56,7 +56,7 @@ __device__ __forceinline__ uint32_t LdsU32(const __half* p) {
 }
 
 template <KvDtype D, KvScaleMode M, int HD>
-__global__ void __launch_bounds__(kPfThreads, 3) PrefillMmaKernel(const PrefillParams p) {
+__global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillParams p) {
   using S = PrefillMmaSmem<HD>;
   constexpr int kNc = HD / 8;
   constexpr int kCb = ChunkTraits<D>::kBytes;
@@ -147,86 +147,49 @@ __global__ void __launch_bounds__(kPfThreads, 3) PrefillMmaKernel(const PrefillP
   float ws0 = 0.0f, ws1 = 0.0f;          // weight scale of the rows (0: none yet)
   float qs0 = 0.0f, qs1 = 0.0f;
 
-  // Staging is software-pipelined: the next tile's raw words (and its scales)
-  // are loaded into registers right after the current tile is in shared
-  // memory, so their latency hides behind the current tile's MMAs. Thread
-  // `tid` takes chunks idx = tid + 128 it: position idx % 32, 8-dim chunk
-  // idx / 32 (a warp covers 32 positions of one chunk).
-  constexpr int kChunks = kPmKt * kNc;
-  constexpr int kIters = (kChunks + kPfThreads - 1) / kPfThreads;
-  constexpr int kW = ChunkTraits<D>::kWords;
-  uint32_t rk[kIters][kW], rv[kIters][kW];
-  float rsk[kIters], rzk[kIters], rsv[kIters], rzv[kIters];
-  auto load_tile = [&](int k0) {
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int idx = tid + it * kPfThreads;
-      const int tt = idx % kPmKt, ch = idx / kPmKt;
-      const int pos = k0 + tt;
-      if (idx < kChunks && pos < kv_end) {
-        const int32_t b = table[pos >> p.log2_bs];
-        const uint32_t ridx = head_row + (pos & bs_mask);
-        const uint8_t* blk = p.cache.pool + static_cast<int64_t>(b) * lay.block_bytes;
-        LoadChunk<kCb>(blk + lay.k_data + ridx * kRowBytes + ch * kCb, rk[it]);
-        LoadChunk<kCb>(blk + lay.v_data + ridx * kRowBytes + ch * kCb, rv[it]);
-        kscale.Read(blk, lay.k_scale, lay.k_zero, ridx, &rsk[it], &rzk[it]);
-        vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &rsv[it], &rzv[it]);
-      } else {  // past the context: zero codes and scales (stale bytes could be NaN or Inf)
-#pragma unroll
-        for (int w = 0; w < kW; ++w) rk[it][w] = rv[it][w] = 0u;
-        rsk[it] = rzk[it] = rsv[it] = rzv[it] = 0.0f;
-      }
-    }
-  };
-  uint16_t* vt16 = reinterpret_cast<uint16_t*>(vt);
-  auto store_tile = [&]() {
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int idx = tid + it * kPfThreads;
-      if (idx >= kChunks) break;
-      const int tt = idx % kPmKt, ch = idx / kPmKt;
-      if constexpr (D == KvDtype::kFp16) {  // already fp16: copy K, transpose V
-        *reinterpret_cast<uint4*>(kc + tt * kQs + ch * 8) =
-            make_uint4(rk[it][0], rk[it][1], rk[it][2], rk[it][3]);
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          vt16[(ch * 8 + 2 * w) * kVs + tt] = static_cast<uint16_t>(rv[it][w]);
-          vt16[(ch * 8 + 2 * w + 1) * kVs + tt] = static_cast<uint16_t>(rv[it][w] >> 16);
-        }
-      } else {
-        float kx[8], vx[8];
-        DecodeChunk<D>(rk[it], kx);
-        DecodeChunk<D>(rv[it], vx);
-        if constexpr (kZeroInCodes) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) kx[e] -= rzk[it], vx[e] -= rzv[it];
-        }
-        uint4 kh;
-        kh.x = H2Bits(__floats2half2_rn(kx[0], kx[1]));
-        kh.y = H2Bits(__floats2half2_rn(kx[2], kx[3]));
-        kh.z = H2Bits(__floats2half2_rn(kx[4], kx[5]));
-        kh.w = H2Bits(__floats2half2_rn(kx[6], kx[7]));
-        *reinterpret_cast<uint4*>(kc + tt * kQs + ch * 8) = kh;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) vt[(ch * 8 + e) * kVs + tt] = __float2half_rn(vx[e]);
-      }
-      if (ch == 0) {
-        mks[tt] = rsk[it], mvs[tt] = rsv[it];
-        mkz[tt] = kZeroInCodes ? 0.0f : rzk[it];
-        mvz[tt] = kZeroInCodes ? 0.0f : rzv[it];
-      }
-    }
-  };
-
-  load_tile(0);
   for (int k0 = 0; k0 < kv_end; k0 += kPmKt) {
     __syncthreads();  // the previous tile is consumed (and qsum is written)
     if constexpr (kFold) {
       if (k0 == 0) qs0 = qsum[r0], qs1 = qsum[r1];
     }
-    store_tile();
+    // Stage positions [k0, k0 + 32): a warp takes one 8-dim chunk of 32 positions.
+    for (int idx = tid; idx < kPmKt * kNc; idx += kPfThreads) {
+      const int tt = idx % kPmKt, ch = idx / kPmKt;
+      const int pos = k0 + tt;
+      float kx[8], vx[8];
+      if (pos < kv_end) {
+        const int32_t b = table[pos >> p.log2_bs];
+        const uint32_t ridx = head_row + (pos & bs_mask);
+        const uint8_t* blk = p.cache.pool + static_cast<int64_t>(b) * lay.block_bytes;
+        uint32_t kw[ChunkTraits<D>::kWords], vw[ChunkTraits<D>::kWords];
+        LoadChunk<kCb>(blk + lay.k_data + ridx * kRowBytes + ch * kCb, kw);
+        LoadChunk<kCb>(blk + lay.v_data + ridx * kRowBytes + ch * kCb, vw);
+        DecodeChunk<D>(kw, kx);
+        DecodeChunk<D>(vw, vx);
+        float sk, zk, sv, zv;
+        kscale.Read(blk, lay.k_scale, lay.k_zero, ridx, &sk, &zk);
+        vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &sv, &zv);
+        if constexpr (kZeroInCodes) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) kx[e] -= zk, vx[e] -= zv;
+          zk = zv = 0.0f;
+        }
+        if (ch == 0) mks[tt] = sk, mkz[tt] = zk, mvs[tt] = sv, mvz[tt] = zv;
+      } else {  // past the context: zeros (stale bytes could be NaN or Inf)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) kx[e] = vx[e] = 0.0f;
+        if (ch == 0) mks[tt] = mkz[tt] = mvs[tt] = mvz[tt] = 0.0f;
+      }
+      uint4 kh;
+      kh.x = H2Bits(__floats2half2_rn(kx[0], kx[1]));
+      kh.y = H2Bits(__floats2half2_rn(kx[2], kx[3]));
+      kh.z = H2Bits(__floats2half2_rn(kx[4], kx[5]));
+      kh.w = H2Bits(__floats2half2_rn(kx[6], kx[7]));
+      *reinterpret_cast<uint4*>(kc + tt * kQs + ch * 8) = kh;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vt[(ch * 8 + e) * kVs + tt] = __float2half_rn(vx[e]);
+    }
     __syncthreads();
-    if (k0 + kPmKt < kv_end) load_tile(k0 + kPmKt);
     if (k0 > warp_last) continue;  // warp-uniform: the tile is after all of its rows
 
     // Logits of the warp's 16 rows x 32 positions: 4 tiles of 8 positions.
