@@ -508,6 +508,71 @@ TEST(CudaKvExtra, OddGqaRatiosAndLongDecode) {
   }
 }
 
+// The engine's mixed step: the prefill kernel with skip_single_token leaves the
+// one-token sequences' rows untouched, and the decode kernel on a sub-batch
+// (their rows in query_start, their context lengths and tables gathered)
+// writes them in place; together they match the CPU kernel on every row.
+TEST(CudaKvExtra, MixedStepSplitsOneTokenSequencesToTheDecodeKernel) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(11);
+  for (KvFormat f : {KvFormat{KvDtype::kFp16, KvScaleMode::kNone},
+                     KvFormat{KvDtype::kInt8, KvScaleMode::kDynamic},
+                     KvFormat{KvDtype::kInt4, KvScaleMode::kDynamic},
+                     KvFormat{KvDtype::kFp32, KvScaleMode::kNone}}) {
+    const int kv_heads = 2, group = 4, heads = kv_heads * group, hd = 128, bs = 16;
+    // Decodes first, between and after prefill chunks, one at a long context.
+    const std::vector<SeqSpec> seqs = {{700, 1}, {300, 300}, {4100, 1}, {96, 32}, {17, 1}};
+    Caches c(f, bs, kv_heads, hd, BlocksNeeded(seqs, bs), 4.0f, rng);
+    Step st;
+    BuildStep(c, seqs, 0, heads, rng, st);
+    std::vector<float> want(st.q.size());
+    cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, 0.09f, want.data());
+    AttentionArgs a;
+    a.cache = c.dev;
+    a.batch = st.dev_batch;
+    a.query = st.d_q.get();
+    a.out = st.d_out.get();
+    a.num_heads = heads;
+    a.softmax_scale = 0.09f;
+    a.skip_single_token = true;
+    ASSERT_CUDA(PagedPrefillAttention(a, st.max_new, nullptr));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    std::vector<float> got = st.d_out.Download();
+    std::vector<int32_t> rows, ctx, tables;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const bool one = seqs[i].new_tokens == 1;
+      const size_t r0 = size_t(st.qs[i]) * heads * hd;
+      const size_t r1 = size_t(st.qs[i + 1]) * heads * hd;
+      for (size_t k = r0; k < r1; ++k) {
+        ASSERT_EQ(std::isnan(got[k]), one) << FormatName(f) << " sequence " << i;
+      }
+      if (!one) continue;
+      rows.push_back(st.qs[i]);
+      ctx.push_back(st.ctx[i]);
+      tables.insert(tables.end(), st.tables.begin() + i * st.max_blocks,
+                    st.tables.begin() + (i + 1) * st.max_blocks);
+    }
+    DeviceBuf<int32_t> d_rows, d_ctx, d_tables;
+    d_rows.Upload(rows);
+    d_ctx.Upload(ctx);
+    d_tables.Upload(tables);
+    AttentionArgs da = a;
+    da.skip_single_token = false;
+    da.batch.num_seqs = da.batch.num_tokens = static_cast<int32_t>(rows.size());
+    da.batch.query_start = d_rows.get();
+    da.batch.context_lens = d_ctx.get();
+    da.batch.block_tables = d_tables.get();
+    const DecodePlan plan = PlanDecode(c.dev, da.batch.num_seqs, heads, st.max_ctx, 132);
+    DeviceBuf<uint8_t> ws(plan.workspace_bytes);
+    ASSERT_CUDA(PagedDecodeAttention(da, plan, ws.get(), nullptr));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    got = st.d_out.Download();
+    std::string where;
+    EXPECT_LE(CompareAttention(st, got, want, heads, hd, &where), AttentionTolerance(f))
+        << FormatName(f) << ", worst at " << where;
+  }
+}
+
 // Blocks smaller than a 16-token tile: the 8/4-bit formats fall back from the
 // tensor-core decode kernel to the CUDA-core one.
 TEST(CudaKvExtra, SmallBlocksUseTheCudaCoreDecodeKernel) {
