@@ -211,8 +211,8 @@ int main(int argc, char** argv) {
      << " (dummy fp16 weights), batch "
      << batch << ", context " << ctx << "; median of " << iters << " steps on rank 0 (CUDA graphs), "
      << "all-reduce share from 5 eager steps\n\n";
-  md << "| tp | kv | step ms | vs tp=1 | all-reduce ms (eager) | all-reduce share | KV blocks/rank | alias | host wall ms |\n";
-  md << "|---:|---|---:|---:|---:|---:|---:|---:|---:|\n";
+  md << "| tp | kv | step ms | vs tp=1 | eager step ms | all-reduce ms (eager) | all-reduce share | KV blocks/rank | alias | host wall ms |\n";
+  md << "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
   std::printf("%s", md.str().c_str());
   std::fflush(stdout);
   int rc = 0;
@@ -238,9 +238,9 @@ int main(int argc, char** argv) {
       }
       if (tp == 1) base = r.step_ms;
       char line[320];
-      std::snprintf(line, sizeof(line), "| %d | %s | %.3f | %s | %.3f | %.1f%% | %d | %.2f | %.3f |\n", tp,
+      std::snprintf(line, sizeof(line), "| %d | %s | %.3f | %s | %.3f | %.3f | %.1f%% | %d | %.2f | %.3f |\n", tp,
                     r.kv.c_str(), r.step_ms, base > 0 ? absl::StrCat(r.step_ms / base).substr(0, 5).c_str() : "-",
-                    r.allreduce_ms, r.eager_ms > 0 ? 100.0 * r.allreduce_ms / r.eager_ms : 0.0, r.blocks, r.alias,
+                    r.eager_ms, r.allreduce_ms, r.eager_ms > 0 ? 100.0 * r.allreduce_ms / r.eager_ms : 0.0, r.blocks, r.alias,
                     r.wall_ms);
       md << line;
       std::printf("%s", line);
