@@ -48,7 +48,7 @@ struct Result {
 
 // One measurement: tp ranks, one KV format. Empty `error` on success.
 Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, int ctx, int iters,
-              int warmup, double util, std::string* error) {
+              int warmup, double util, int prefill, std::string* error) {
   Result res;
   res.tp = tp;
   res.kv = KvFormatName(fmt);
@@ -73,8 +73,8 @@ Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, 
     o.engine.block_size = 16;
     o.dtype = WeightDtype::kFp16;
     o.gpu_memory_utilization = util;
-    o.max_num_seqs = batch;
-    o.max_logit_rows = batch;
+    o.max_num_seqs = batch + 1;
+    o.max_logit_rows = batch + 1;
     o.max_num_tokens = std::max(2048, batch);
     o.device = r;
     o.shard = {r, tp};
@@ -113,6 +113,15 @@ Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, 
       s.start_pos = ctx - 1;
       for (int j = 0; j < nb - 1; ++j) s.block_table.push_back((int64_t{i} * (nb - 1) + j) % shared);
       s.block_table.push_back(shared + i);
+      s.sample = true;
+      s.logits = SeqStepInput::Logits::kNone;
+      in.seqs.push_back(std::move(s));
+    }
+    if (prefill > 0) {  // a mixed step: one more sequence with a prompt chunk
+      SeqStepInput s;
+      for (int j = 0; j < prefill; ++j) s.tokens.push_back(static_cast<int32_t>(rng() % shape.vocab_size));
+      s.start_pos = 0;
+      for (int j = 0; j < (prefill + 15) / 16; ++j) s.block_table.push_back(j % shared);
       s.sample = true;
       s.logits = SeqStepInput::Logits::kNone;
       in.seqs.push_back(std::move(s));
@@ -179,7 +188,7 @@ int main(int argc, char** argv) {
   using namespace strata;
   CLI::App app{"Tensor-parallel decode step benchmark (one process, one thread per GPU)"};
   std::string model = "llama-2-13b", tps_s = "1,2,4", kvs_s = "fp16,int8", markdown;
-  int batch = 64, ctx = 2048, iters = 20, warmup = 3, layers = 0;
+  int batch = 64, ctx = 2048, iters = 20, warmup = 3, layers = 0, prefill = 0;
   double util = 0.9;
   app.add_option("--model", model, "named shape (NamedModelShape)");
   app.add_option("--tp", tps_s, "tensor-parallel sizes");
@@ -191,6 +200,8 @@ int main(int argc, char** argv) {
   app.add_option("--gpu-memory-utilization", util);
   app.add_option("--layers", layers, "keep only this many decoder layers of the shape (0: all), to fit a "
                                      "large shape on fewer GPUs; the table says so");
+  app.add_option("--prefill-tokens", prefill, "add a sequence with this many prompt tokens (a mixed "
+                                             "step: segment graphs instead of a decode graph)");
   app.add_option("--markdown", markdown, "write the table here too");
   CLI11_PARSE(app, argc, argv);
   absl::StatusOr<ModelConfig> shape = NamedModelShape(model);
@@ -209,7 +220,10 @@ int main(int argc, char** argv) {
      << (shape->num_layers < all_layers ? absl::StrCat(" with ", shape->num_layers, " of ", all_layers, " layers")
                                         : std::string())
      << " (dummy fp16 weights), batch "
-     << batch << ", context " << ctx << "; median of " << iters << " steps on rank 0 (CUDA graphs), "
+     << batch << ", context " << ctx
+     << (prefill > 0 ? absl::StrCat(" + one sequence prefilling ", prefill, " tokens (mixed step: segment graphs)")
+                     : std::string())
+     << "; median of " << iters << " steps on rank 0 (CUDA graphs), "
      << "all-reduce share from 5 eager steps\n\n";
   md << "| tp | kv | step ms | vs tp=1 | eager step ms | all-reduce ms (eager) | all-reduce share | KV blocks/rank | alias | host wall ms |\n";
   md << "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
@@ -230,7 +244,7 @@ int main(int argc, char** argv) {
         continue;
       }
       std::string error;
-      const Result r = RunOne(*shape, tp, *fmt, batch, ctx, iters, warmup, util, &error);
+      const Result r = RunOne(*shape, tp, *fmt, batch, ctx, iters, warmup, util, prefill, &error);
       if (!error.empty()) {
         std::fprintf(stderr, "tp=%d %s: %s\n", tp, r.kv.c_str(), error.c_str());
         rc = 1;
