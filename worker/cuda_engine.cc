@@ -69,9 +69,6 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Finish(std::unique_ptr<C
 CudaEngine::~CudaEngine() {
   if (stream_) cudaStreamSynchronize(stream_);
   for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
-  for (auto& [key, segs] : mixed_graphs_) {
-    for (cudaGraphExec_t e : segs) cudaGraphExecDestroy(e);
-  }
   for (cudaEvent_t e : prof_events_) cudaEventDestroy(e);
   if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
@@ -335,8 +332,6 @@ absl::Status CudaEngine::AllocateArena() {
   Arena measure;
   carve(measure);
   RETURN_IF_ERROR(arena_buf_.Allocate(measure.used()));
-  // Zeroed once: rows that padded steps carry but never compute stay finite.
-  CUDA_RETURN_IF_ERROR(cudaMemset(arena_buf_.get(), 0, measure.used()));
   Arena arena(arena_buf_.get());
   carve(arena);
   memory_.arena = static_cast<int64_t>(measure.used());
@@ -563,16 +558,6 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
     }
   }
   p.padded_tokens = p.use_graph ? p.padded_seqs : p.num_tokens;
-  if (!p.decode_only && !profile_ && !options_.graph_batch_sizes.empty() &&
-      p.num_tokens > cuda_ops::kGemvMaxM) {
-    for (int32_t b : options_.mixed_graph_tokens) {
-      if (b >= p.num_tokens && b <= options_.max_num_tokens) {
-        p.piecewise = true;
-        p.padded_tokens = b;
-        break;
-      }
-    }
-  }
 
   // Flattened tokens, positions, slots; per-sequence starts, lengths, tables.
   int32_t t = 0;
@@ -609,9 +594,6 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
     }
   }
   if (p.num_decode > 0) p.dec_ctx_bucket = CtxBucket(p.dec_ctx_bucket, c.max_position_embeddings);
-  // Piecewise padding rows: token 0 at position 0, written nowhere (their
-  // attention rows are not computed and nothing reads their results).
-  for (; t < p.padded_tokens; ++t) host_.tokens[t] = 0, host_.positions[t] = 0, host_.slots[t] = -1;
 
   // Logits rows (token indices) and samples, in sequence order.
   p.sample_index.assign(n, -1);

@@ -71,12 +71,6 @@ struct CudaEngineOptions {
   // Decode batch sizes that get CUDA graphs (a decode step of n sequences
   // replays the smallest bucket >= n, padded). Empty: always eager.
   std::vector<int32_t> graph_batch_sizes = {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256};
-  // Token counts of steps with prefill (mixed or prefill-only) that replay
-  // their per-layer segments (everything but the attention) from CUDA graphs:
-  // a step of n tokens is padded to the smallest bucket >= n. Larger steps,
-  // and every step when graph_batch_sizes is empty, run eagerly.
-  std::vector<int32_t> mixed_graph_tokens = {16,  32,  64,  128, 192, 256, 320, 384, 448,
-                                             512, 576, 640, 704, 768, 896, 1024};
   // Steps of <= cuda_ops::kGemvMaxM tokens use the fused small-batch GEMV
   // (RMSNorm, dtype conversion and SwiGLU folded into the projections)
   // instead of cuBLAS + element-wise kernels.
@@ -153,8 +147,6 @@ class CudaEngine final : public Engine {
   // Number of CUDA graphs captured so far, and steps that replayed one.
   int num_graphs() const { return static_cast<int>(graphs_.size()); }
   int64_t graph_replays() const { return graph_replays_; }
-  // Steps with prefill that replayed their layer segments from graphs.
-  int64_t mixed_graph_replays() const { return mixed_graph_replays_; }
 
  private:
   CudaEngine() = default;
@@ -196,7 +188,6 @@ class CudaEngine final : public Engine {
     bool use_graph = false;
     int32_t max_new_tokens = 0;  // largest new-token count of a sequence
     int32_t ctx_bucket = 0;      // decode: plan the split-K for contexts up to this
-    bool piecewise = false;      // step with prefill: segments replayed from graphs
     int32_t num_decode = 0;      // mixed step: sequences in the decode sub-batch
     int32_t dec_ctx_bucket = 0;  // mixed step: the sub-batch's split-K bucket
     int32_t num_rows = 0;        // logits rows (host_.logit_rows)
@@ -280,8 +271,6 @@ class CudaEngine final : public Engine {
 
   std::map<std::pair<int32_t, int32_t>, cudaGraphExec_t> graphs_;  // (batch, ctx bucket)
   int64_t graph_replays_ = 0;
-  std::map<int32_t, std::vector<cudaGraphExec_t>> mixed_graphs_;  // token bucket -> segments
-  int64_t mixed_graph_replays_ = 0;
   bool profile_ = false;
   std::vector<cudaEvent_t> prof_events_;
   std::vector<const char*> prof_marks_;  // stage that ends at each event of this step

@@ -78,13 +78,9 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     return cuda_ops::Gemv(g, act_, stream_);
   };
 
-  // A layer is pre (norm, QKV, RoPE + KV write), attention, post (o_proj,
-  // all-reduce, MLP, all-reduce). Segment s = post(s - 1) + pre(s) (segment 0
-  // starts with the embedding, the last one is post(L - 1) alone): everything
-  // but the attention depends only on the padded token count, so a mixed
-  // step can replay the segments from CUDA graphs with the attention, whose
-  // launch shape depends on the sequences, launched between them.
-  auto pre = [&](int l) -> absl::Status {
+  CUDA_RETURN_IF_ERROR(cuda_ops::Embed(embed_, act_, dev_.tokens, T, d, x_, stream_));
+  RETURN_IF_ERROR(Mark("embed"));
+  for (int l = 0; l < c.num_layers; ++l) {
     const Layer& lw = layers_[l];
     if (small) {
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kNormF32, lw.wqkv, q + 2 * kv, d, x_, lw.attn_norm, qkv_));
@@ -107,9 +103,7 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     rw.q_dtype = ActDtype::kFp32;
     rw.cache = views_[l];
     CUDA_RETURN_IF_ERROR(cuda_ops::RopeKvWrite(rw, stream_));
-    return Mark("rope+kv_write");
-  };
-  auto attention = [&](int l) -> absl::Status {
+    RETURN_IF_ERROR(Mark("rope+kv_write"));
     cuda::AttentionArgs a;
     a.cache = views_[l];
     a.batch = batch;
@@ -130,12 +124,9 @@ absl::Status CudaEngine::Forward(const Plan& p) {
         CUDA_RETURN_IF_ERROR(cuda::PagedPrefillAttention(a, p.max_new_tokens, stream_));
       }
     }
-    return Mark("attention");
-  };
-  // Row-parallel projections accumulate into the residual x_; sharded, the
-  // partials are summed over the ranks (rank 0's includes the residual).
-  auto post = [&](int l) -> absl::Status {
-    const Layer& lw = layers_[l];
+    RETURN_IF_ERROR(Mark("attention"));
+    // Row-parallel projections accumulate into the residual x_; sharded, the
+    // partials are summed over the ranks (rank 0's includes the residual).
     if (small) {
       RETURN_IF_ERROR(ZeroForPartial(T));
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kF32AddF32, lw.wo, d, q, attn_, nullptr, x_));
@@ -146,7 +137,8 @@ absl::Status CudaEngine::Forward(const Plan& p) {
       RETURN_IF_ERROR(ZeroForPartial(T));
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kActAddF32, lw.wdown, d, f, act_buf_, nullptr, x_));
       RETURN_IF_ERROR(Mark("silu+down"));
-      return AllReduceResidual(T);
+      RETURN_IF_ERROR(AllReduceResidual(T));
+      continue;
     }
     const bool residual = options_.shard.rank == 0;  // other ranks' partials start from zero
     CUDA_RETURN_IF_ERROR(cuda_ops::ConvertF32(attn_, int64_t{T} * q, attn_t_, act_, stream_));
@@ -159,52 +151,8 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     CUDA_RETURN_IF_ERROR(cuda_ops::SiluMul(gu_, T, f, act_buf_, act_, stream_));
     RETURN_IF_ERROR(Gemm(act_buf_, lw.wdown, x_, true, T, d, f, /*accumulate=*/residual));
     RETURN_IF_ERROR(Mark("silu+down"));
-    return AllReduceResidual(T);
-  };
-  const int L = c.num_layers;
-  auto segment = [&](int s) -> absl::Status {
-    if (s == 0) {
-      CUDA_RETURN_IF_ERROR(cuda_ops::Embed(embed_, act_, dev_.tokens, T, d, x_, stream_));
-      RETURN_IF_ERROR(Mark("embed"));
-    } else {
-      RETURN_IF_ERROR(post(s - 1));
-    }
-    return s < L ? pre(s) : absl::OkStatus();
-  };
-
-  if (!p.piecewise) {
-    for (int s = 0; s <= L; ++s) {
-      RETURN_IF_ERROR(segment(s));
-      if (s < L) RETURN_IF_ERROR(attention(s));
-    }
-    return absl::OkStatus();
+    RETURN_IF_ERROR(AllReduceResidual(T));
   }
-  std::vector<cudaGraphExec_t>& segs = mixed_graphs_[T];
-  if (segs.empty()) {  // first step of this token bucket: capture its segments
-    for (int s = 0; s <= L; ++s) {
-      absl::Status st = CudaStatus(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "mixed-step capture");
-      if (st.ok()) {
-        st = segment(s);
-        cudaGraph_t graph = nullptr;
-        const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
-        if (st.ok()) st = CudaStatus(end, "mixed-step capture end");
-        cudaGraphExec_t exec = nullptr;
-        if (st.ok()) st = CudaStatus(cudaGraphInstantiate(&exec, graph, 0), "mixed-step graph");
-        if (graph) cudaGraphDestroy(graph);
-        if (st.ok()) segs.push_back(exec);
-      }
-      if (!st.ok()) {
-        for (cudaGraphExec_t e : segs) cudaGraphExecDestroy(e);
-        mixed_graphs_.erase(T);
-        return st;
-      }
-    }
-  }
-  for (int s = 0; s <= L; ++s) {
-    CUDA_RETURN_IF_ERROR(cudaGraphLaunch(segs[s], stream_));
-    if (s < L) RETURN_IF_ERROR(attention(s));
-  }
-  ++mixed_graph_replays_;
   return absl::OkStatus();
 }
 
