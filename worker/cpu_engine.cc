@@ -20,8 +20,7 @@ void Free(std::vector<T>& v) {
 }
 
 uint8_t* AllocPool(int64_t bytes) {
-  void* p = std::aligned_alloc(64, static_cast<size_t>(AlignUp(std::max<int64_t>(bytes, 64), 64)));
-  return static_cast<uint8_t*>(p);
+  return cpu::AllocLargeBuffer(static_cast<size_t>(AlignUp(std::max<int64_t>(bytes, 64), 64)));
 }
 
 }  // namespace

@@ -8,6 +8,10 @@
 #include <cstring>
 #include <utility>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "runtime/check.h"
 #include "runtime/float16.h"
 
@@ -196,6 +200,19 @@ bool CpuHasAvx512() {
 #endif
 }
 
+uint8_t* AllocLargeBuffer(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  if (bytes < kHuge) {
+    return static_cast<uint8_t*>(std::aligned_alloc(64, std::max<size_t>(64, (bytes + 63) / 64 * 64)));
+  }
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, rounded);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (p != nullptr) (void)madvise(p, rounded, MADV_HUGEPAGE);  // a hint: fine if refused
+#endif
+  return static_cast<uint8_t*>(p);
+}
+
 void PackedWeights::Allocate(int64_t panels, int64_t k, WeightDtype dtype) {
   STRATA_CHECK(dtype == WeightDtype::kFp32 || dtype == WeightDtype::kFp16)
       << "packed weights are fp32 or fp16";
@@ -203,7 +220,7 @@ void PackedWeights::Allocate(int64_t panels, int64_t k, WeightDtype dtype) {
   dtype_ = dtype;
   panels_ = panels;
   const size_t bytes = static_cast<size_t>(std::max<int64_t>(64, (this->bytes() + 63) / 64 * 64));
-  data_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, bytes)));
+  data_.reset(AllocLargeBuffer(bytes));
   STRATA_CHECK(data_ != nullptr) << "cannot allocate " << bytes << " bytes of weights";
   std::memset(data_.get(), 0, bytes);
 }

@@ -17,6 +17,13 @@
 
 namespace strata::cpu {
 
+// Memory for large buffers streamed every step (packed weights, KV pools):
+// 64-byte aligned, and from `bytes` >= 2 MiB on 2 MiB-aligned with Linux
+// transparent huge pages requested (madvise), which spares the page walks of
+// streaming tens of MB through 4 KiB pages. Free with std::free. nullptr when
+// out of memory.
+uint8_t* AllocLargeBuffer(size_t bytes);
+
 // A weight matrix w [n][k] (nn.Linear layout: n outputs, k inputs), packed in
 // panels of kPanel output rows. Panel p holds rows [16p, 16p+16) k-major:
 // element (row 16p + j, column c) is at panel p, offset c * 16 + j, so one
