@@ -58,12 +58,35 @@ struct PrefillSmem {
   static constexpr int kBytes = kFloats * 4;
 };
 
+// Chunk `ch` (8 dims) of position `pos`'s K and V rows for the kv head whose
+// rows start at `head_row` in each block: raw values (DecodeChunk) and the
+// rows' scales and zero points. Both prefill kernels stage their tiles with it.
+template <KvDtype D, KvScaleMode M, int HD>
+__device__ __forceinline__ void ReadKvChunk(const PrefillParams& p, const int32_t* table,
+                                            uint32_t head_row, int bs_mask, int pos, int ch,
+                                            const RowScaleReader<D, M>& kscale,
+                                            const RowScaleReader<D, M>& vscale, float (&kx)[8],
+                                            float (&vx)[8], float* sk, float* zk, float* sv,
+                                            float* zv) {
+  constexpr int kCb = ChunkTraits<D>::kBytes;
+  constexpr int kRowBytes = HD * KvDtypeBits(D) / 8;
+  const KvBlockLayout& lay = p.cache.layout;
+  const int32_t b = table[pos >> p.log2_bs];
+  const uint32_t ridx = head_row + (pos & bs_mask);
+  const uint8_t* blk = p.cache.pool + static_cast<int64_t>(b) * lay.block_bytes;
+  uint32_t kw[ChunkTraits<D>::kWords], vw[ChunkTraits<D>::kWords];
+  LoadChunk<kCb>(blk + lay.k_data + ridx * kRowBytes + ch * kCb, kw);
+  LoadChunk<kCb>(blk + lay.v_data + ridx * kRowBytes + ch * kCb, vw);
+  DecodeChunk<D>(kw, kx);
+  DecodeChunk<D>(vw, vx);
+  kscale.Read(blk, lay.k_scale, lay.k_zero, ridx, sk, zk);
+  vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, sv, zv);
+}
+
 template <KvDtype D, KvScaleMode M, int HD>
 __global__ void __launch_bounds__(kPfThreads) PrefillKernel(const PrefillParams p) {
   using S = PrefillSmem<HD>;
   constexpr int kNc = HD / 8;
-  constexpr int kCb = ChunkTraits<D>::kBytes;
-  constexpr int kRowBytes = HD * KvDtypeBits(D) / 8;
   constexpr int kDpt = HD / 8;  // output dims per thread (d = dg + 8 k)
   extern __shared__ __align__(16) float smem[];
   float* qs = smem + S::kQ;
@@ -107,7 +130,6 @@ __global__ void __launch_bounds__(kPfThreads) PrefillKernel(const PrefillParams 
   RowScaleReader<D, M> kscale, vscale;
   kscale.Init(p.cache.k_scale, p.cache.k_zero, kvh);
   vscale.Init(p.cache.v_scale, p.cache.v_zero, kvh);
-  const KvBlockLayout& lay = p.cache.layout;
   const int bs_mask = (1 << p.log2_bs) - 1;
   const uint32_t head_row = static_cast<uint32_t>(kvh) << p.log2_bs;
 
@@ -135,17 +157,8 @@ __global__ void __launch_bounds__(kPfThreads) PrefillKernel(const PrefillParams 
       const int pos = k0 + tt;
       float kx[8], vx[8];
       if (pos < kv_end) {
-        const int32_t b = table[pos >> p.log2_bs];
-        const uint32_t ridx = head_row + (pos & bs_mask);
-        const uint8_t* blk = p.cache.pool + static_cast<int64_t>(b) * lay.block_bytes;
-        uint32_t kw[ChunkTraits<D>::kWords], vw[ChunkTraits<D>::kWords];
-        LoadChunk<kCb>(blk + lay.k_data + ridx * kRowBytes + c * kCb, kw);
-        LoadChunk<kCb>(blk + lay.v_data + ridx * kRowBytes + c * kCb, vw);
-        DecodeChunk<D>(kw, kx);
-        DecodeChunk<D>(vw, vx);
         float sk, zk, sv, zv;
-        kscale.Read(blk, lay.k_scale, lay.k_zero, ridx, &sk, &zk);
-        vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &sv, &zv);
+        ReadKvChunk<D, M, HD>(p, table, head_row, bs_mask, pos, c, kscale, vscale, kx, vx, &sk, &zk, &sv, &zv);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           if constexpr (KvDtypeIsInteger(D)) {

@@ -59,8 +59,6 @@ template <KvDtype D, KvScaleMode M, int HD>
 __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillParams p) {
   using S = PrefillMmaSmem<HD>;
   constexpr int kNc = HD / 8;
-  constexpr int kCb = ChunkTraits<D>::kBytes;
-  constexpr int kRowBytes = HD * KvDtypeBits(D) / 8;
   constexpr int kKs = HD / 16;  // k-steps of Q K^T
   constexpr int kDn = HD / 8;   // 8-dim output tiles
   constexpr int kQs = S::kQStride;
@@ -126,7 +124,6 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
   RowScaleReader<D, M> kscale, vscale;
   kscale.Init(p.cache.k_scale, p.cache.k_zero, kvh);
   vscale.Init(p.cache.v_scale, p.cache.v_zero, kvh);
-  const KvBlockLayout& lay = p.cache.layout;
   const int bs_mask = (1 << p.log2_bs) - 1;
   const uint32_t head_row = static_cast<uint32_t>(kvh) << p.log2_bs;
 
@@ -158,17 +155,8 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
       const int pos = k0 + tt;
       float kx[8], vx[8];
       if (pos < kv_end) {
-        const int32_t b = table[pos >> p.log2_bs];
-        const uint32_t ridx = head_row + (pos & bs_mask);
-        const uint8_t* blk = p.cache.pool + static_cast<int64_t>(b) * lay.block_bytes;
-        uint32_t kw[ChunkTraits<D>::kWords], vw[ChunkTraits<D>::kWords];
-        LoadChunk<kCb>(blk + lay.k_data + ridx * kRowBytes + ch * kCb, kw);
-        LoadChunk<kCb>(blk + lay.v_data + ridx * kRowBytes + ch * kCb, vw);
-        DecodeChunk<D>(kw, kx);
-        DecodeChunk<D>(vw, vx);
         float sk, zk, sv, zv;
-        kscale.Read(blk, lay.k_scale, lay.k_zero, ridx, &sk, &zk);
-        vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &sv, &zv);
+        ReadKvChunk<D, M, HD>(p, table, head_row, bs_mask, pos, ch, kscale, vscale, kx, vx, &sk, &zk, &sv, &zv);
         if constexpr (kZeroInCodes) {
 #pragma unroll
           for (int e = 0; e < 8; ++e) kx[e] -= zk, vx[e] -= zv;
