@@ -113,31 +113,53 @@ float Median(std::vector<float> v) {
   return v[v.size() / 2];
 }
 
+// Median milliseconds of `iters` calls of call(i) (after `warmup` untimed
+// ones), each bracketed by CUDA events on the default stream.
+template <class Call>
+float TimeCalls(int warmup, int iters, Call call) {
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < warmup + iters; ++i) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    call(i);
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float t;
+    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= warmup) ms.push_back(t);
+  }
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  return Median(ms);
+}
+
+// Exits when a device output holds a NaN or infinity.
+void CheckFinite(const float* dev, size_t n, const char* what) {
+  std::vector<float> h(n);
+  CHECK_CUDA(cudaMemcpy(h.data(), dev, n * sizeof(float), cudaMemcpyDeviceToHost));
+  for (float x : h) {
+    if (!std::isfinite(x)) {
+      std::fprintf(stderr, "non-finite %s output\n", what);
+      std::exit(1);
+    }
+  }
+}
+
 double CopyBandwidth(int iters) {
   const size_t bytes = size_t{2} << 30;  // 2 GiB
   void *a, *b;
   CHECK_CUDA(cudaMalloc(&a, bytes));
   CHECK_CUDA(cudaMalloc(&b, bytes));
   CHECK_CUDA(cudaMemset(a, 1, bytes));
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
   for (int i = 0; i < 2; ++i) CHECK_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-  std::vector<float> ms;
-  for (int i = 0; i < iters; ++i) {
-    CHECK_CUDA(cudaEventRecord(e0));
+  const float ms = TimeCalls(0, iters, [&](int i) {
     CHECK_CUDA(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    float t;
-    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-    ms.push_back(t);
-  }
+  });
   CHECK_CUDA(cudaFree(a));
   CHECK_CUDA(cudaFree(b));
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
-  return 2.0 * bytes / (Median(ms) * 1e-3) / 1e9;  // read + write, GB/s
+  return 2.0 * bytes / (ms * 1e-3) / 1e9;  // read + write, GB/s
 }
 
 struct Setup {
@@ -264,34 +286,13 @@ double TimeDecode(Setup& s, const sc::DecodePlan& plan, int ctx, int iters) {
   a.out = s.out;
   a.num_heads = kHeads;
   a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  std::vector<float> ms;
-  const int warmup = g_warmup;
-  for (int i = 0; i < warmup + iters; ++i) {
+  const float ms = TimeCalls(g_warmup, iters, [&](int i) {
     a.batch.block_tables = s.tables[i % s.copies];
-    CHECK_CUDA(cudaEventRecord(e0));
     CHECK_CUDA(sc::PagedDecodeAttention(a, plan, ws, nullptr));
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    float t;
-    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-    if (i >= warmup) ms.push_back(t);
-  }
-  // Output sanity: finite.
-  std::vector<float> out(size_t{kBatch} * kHeads * kHeadDim);
-  CHECK_CUDA(cudaMemcpy(out.data(), s.out, out.size() * sizeof(float), cudaMemcpyDeviceToHost));
-  for (float x : out) {
-    if (!std::isfinite(x)) {
-      std::fprintf(stderr, "non-finite decode output\n");
-      std::exit(1);
-    }
-  }
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
+  });
+  CheckFinite(s.out, size_t{kBatch} * kHeads * kHeadDim, "decode");
   if (ws) CHECK_CUDA(cudaFree(ws));
-  return Median(ms) * 1e3;
+  return ms * 1e3;
 }
 
 // Prefill attention: `nseq` sequences of context `ctx`, each with a chunk of
@@ -323,34 +324,15 @@ double TimePrefill(Setup& s, int ctx, int chunk, int nseq, int iters) {
   a.out = out;
   a.num_heads = kHeads;
   a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  std::vector<float> ms;
-  for (int i = 0; i < g_warmup + iters; ++i) {
-    CHECK_CUDA(cudaEventRecord(e0));
+  const float ms = TimeCalls(g_warmup, iters, [&](int) {
     CHECK_CUDA(sc::PagedPrefillAttention(a, chunk, nullptr));
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    float t;
-    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-    if (i >= g_warmup) ms.push_back(t);
-  }
-  std::vector<float> h(qn);
-  CHECK_CUDA(cudaMemcpy(h.data(), out, qn * sizeof(float), cudaMemcpyDeviceToHost));
-  for (float x : h) {
-    if (!std::isfinite(x)) {
-      std::fprintf(stderr, "non-finite prefill output\n");
-      std::exit(1);
-    }
-  }
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
+  });
+  CheckFinite(out, qn, "prefill");
   CHECK_CUDA(cudaFree(dqs));
   CHECK_CUDA(cudaFree(dctx));
   CHECK_CUDA(cudaFree(q));
   CHECK_CUDA(cudaFree(out));
-  return Median(ms) * 1e3;
+  return ms * 1e3;
 }
 
 }  // namespace
