@@ -268,6 +268,18 @@ void BuildStep(Caches& c, const std::vector<SeqSpec>& seqs, int padding, int num
   st.dev_batch.slot_mapping = nullptr;
 }
 
+// Attention over a built step's device cache, queries and output.
+AttentionArgs ArgsFor(const Caches& c, const Step& st, int num_heads, float softmax_scale) {
+  AttentionArgs a;
+  a.cache = c.dev;
+  a.batch = st.dev_batch;
+  a.query = st.d_q.get();
+  a.out = st.d_out.get();
+  a.num_heads = num_heads;
+  a.softmax_scale = softmax_scale;
+  return a;
+}
+
 // Max relative L2 error per (token, head) over the sequences' tokens.
 double CompareAttention(const Step& st, const std::vector<float>& got, const std::vector<float>& want,
                         int num_heads, int hd, std::string* where) {
@@ -404,13 +416,7 @@ TEST_P(CudaKvTest, DecodeMatchesCpu) {
   std::vector<float> want(st.q.size());
   cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, scale, want.data());
 
-  AttentionArgs a;
-  a.cache = c.dev;
-  a.batch = st.dev_batch;
-  a.query = st.d_q.get();
-  a.out = st.d_out.get();
-  a.num_heads = heads;
-  a.softmax_scale = scale;
+  AttentionArgs a = ArgsFor(c, st, heads, scale);
   int dev = 0, sms = 0;
   ASSERT_CUDA(cudaGetDevice(&dev));
   ASSERT_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -444,13 +450,7 @@ TEST_P(CudaKvTest, PrefillMatchesCpu) {
   const float scale = 1.0f / std::sqrt(float(hd));
   std::vector<float> want(st.q.size());
   cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, scale, want.data());
-  AttentionArgs a;
-  a.cache = c.dev;
-  a.batch = st.dev_batch;
-  a.query = st.d_q.get();
-  a.out = st.d_out.get();
-  a.num_heads = heads;
-  a.softmax_scale = scale;
+  AttentionArgs a = ArgsFor(c, st, heads, scale);
   ASSERT_CUDA(PagedPrefillAttention(a, st.max_new, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
   const std::vector<float> got = st.d_out.Download();
@@ -483,13 +483,7 @@ TEST(CudaKvExtra, OddGqaRatiosAndLongDecode) {
       BuildStep(c, seqs, 0, heads, rng, st);
       std::vector<float> want(st.q.size());
       cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, 0.1f, want.data());
-      AttentionArgs a;
-      a.cache = c.dev;
-      a.batch = st.dev_batch;
-      a.query = st.d_q.get();
-      a.out = st.d_out.get();
-      a.num_heads = heads;
-      a.softmax_scale = 0.1f;
+      AttentionArgs a = ArgsFor(c, st, heads, 0.1f);
       const DecodePlan plan = PlanDecode(c.dev, 2, heads, st.max_ctx, 132);
       DeviceBuf<uint8_t> ws(plan.workspace_bytes);
       ASSERT_CUDA(PagedDecodeAttention(a, plan, ws.get(), nullptr));
@@ -527,13 +521,7 @@ TEST(CudaKvExtra, MixedStepSplitsOneTokenSequencesToTheDecodeKernel) {
     BuildStep(c, seqs, 0, heads, rng, st);
     std::vector<float> want(st.q.size());
     cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, 0.09f, want.data());
-    AttentionArgs a;
-    a.cache = c.dev;
-    a.batch = st.dev_batch;
-    a.query = st.d_q.get();
-    a.out = st.d_out.get();
-    a.num_heads = heads;
-    a.softmax_scale = 0.09f;
+    AttentionArgs a = ArgsFor(c, st, heads, 0.09f);
     a.skip_single_token = true;
     ASSERT_CUDA(PagedPrefillAttention(a, st.max_new, nullptr));
     ASSERT_CUDA(cudaDeviceSynchronize());
@@ -589,13 +577,7 @@ TEST(CudaKvExtra, SmallBlocksUseTheCudaCoreDecodeKernel) {
       BuildStep(c, seqs, 0, heads, rng, st);
       std::vector<float> want(st.q.size());
       cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, 0.125f, want.data());
-      AttentionArgs a;
-      a.cache = c.dev;
-      a.batch = st.dev_batch;
-      a.query = st.d_q.get();
-      a.out = st.d_out.get();
-      a.num_heads = heads;
-      a.softmax_scale = 0.125f;
+      AttentionArgs a = ArgsFor(c, st, heads, 0.125f);
       const DecodePlan plan = PlanDecodeWithPartition(c.dev, 3, heads, st.max_ctx, 512);
       DeviceBuf<uint8_t> ws(plan.workspace_bytes);
       ASSERT_CUDA(PagedDecodeAttention(a, plan, ws.get(), nullptr));
@@ -616,13 +598,7 @@ TEST(CudaKvExtra, ContextBeyondPlanGivesNan) {
   Caches c(f, 16, 1, 64, BlocksNeeded(seqs, 16), 4.0f, rng);
   Step st;
   BuildStep(c, seqs, 0, 4, rng, st);
-  AttentionArgs a;
-  a.cache = c.dev;
-  a.batch = st.dev_batch;
-  a.query = st.d_q.get();
-  a.out = st.d_out.get();
-  a.num_heads = 4;
-  a.softmax_scale = 0.125f;
+  AttentionArgs a = ArgsFor(c, st, 4, 0.125f);
   const DecodePlan plan = PlanDecodeWithPartition(c.dev, 2, 4, 512, 256);  // too short for 700
   DeviceBuf<uint8_t> ws(plan.workspace_bytes);
   ASSERT_CUDA(PagedDecodeAttention(a, plan, ws.get(), nullptr));
