@@ -32,6 +32,8 @@ namespace strata {
 namespace {
 
 using testing::FromIds;
+using testing::GenerateAllAtOnce;
+using testing::GoldenRun;
 using testing::In;
 using testing::Info;
 using testing::LoopbackChannel;
@@ -76,25 +78,11 @@ bool StartGpu(ServerProcess* server, int tp, const std::string& kv_dtype,
 
 // All golden prompts at once (one batch), greedy, to the 256-token context.
 std::vector<std::vector<int32_t>> GenerateGolden(v1::Generation::Stub* stub, const nlohmann::json& cases) {
-  std::vector<std::vector<int32_t>> got(cases.size());
-  std::vector<grpc::Status> status(cases.size());
-  std::vector<std::thread> threads;
+  GoldenRun run = GenerateAllAtOnce(stub, cases, std::chrono::seconds(120));
   for (size_t i = 0; i < cases.size(); ++i) {
-    threads.emplace_back([&, i] {
-      const auto prompt = cases[i]["prompt_ids"].get<std::vector<int32_t>>();
-      grpc::ClientContext ctx;
-      ctx.set_deadline(In(std::chrono::seconds(120)));
-      auto reader = stub->Generate(&ctx, FromIds(prompt, 256 - static_cast<int>(prompt.size())));
-      v1::GenerateResponse m;
-      while (reader->Read(&m)) got[i].insert(got[i].end(), m.token_ids().begin(), m.token_ids().end());
-      status[i] = reader->Finish();
-    });
+    EXPECT_TRUE(run.status[i].ok()) << cases[i]["id"] << ": " << run.status[i].error_message();
   }
-  for (auto& t : threads) t.join();
-  for (size_t i = 0; i < cases.size(); ++i) {
-    EXPECT_TRUE(status[i].ok()) << cases[i]["id"] << ": " << status[i].error_message();
-  }
-  return got;
+  return std::move(run.tokens);
 }
 
 // Tokens equal to `ref` before the first difference, over all cases.

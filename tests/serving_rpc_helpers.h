@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -37,6 +38,36 @@ inline v1::ModelInfo Info(v1::Generation::Stub* stub) {
   const grpc::Status s = stub->GetModelInfo(&ctx, {}, &info);
   EXPECT_TRUE(s.ok()) << s.error_message();
   return info;
+}
+
+// Every case's prompt ("prompt_ids") as its own concurrent request (so the
+// server batches them), greedy to the 256-token context; the tokens and the
+// final status of each.
+struct GoldenRun {
+  std::vector<std::vector<int32_t>> tokens;
+  std::vector<grpc::Status> status;
+};
+template <class Cases>
+GoldenRun GenerateAllAtOnce(v1::Generation::Stub* stub, const Cases& cases,
+                            std::chrono::seconds deadline) {
+  GoldenRun run;
+  run.tokens.resize(cases.size());
+  run.status.resize(cases.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    threads.emplace_back([&, i] {
+      const auto prompt = cases[i]["prompt_ids"].template get<std::vector<int32_t>>();
+      grpc::ClientContext ctx;
+      ctx.set_deadline(In(deadline));
+      auto reader = stub->Generate(&ctx, FromIds(prompt, 256 - static_cast<int>(prompt.size())));
+      v1::GenerateResponse m;
+      std::vector<int32_t>& got = run.tokens[i];
+      while (reader->Read(&m)) got.insert(got.end(), m.token_ids().begin(), m.token_ids().end());
+      run.status[i] = reader->Finish();
+    });
+  }
+  for (auto& t : threads) t.join();
+  return run;
 }
 
 // SIGTERM: the server exits 0, and neither its process group nor any of

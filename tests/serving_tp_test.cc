@@ -65,21 +65,10 @@ TEST(ServingTpTest, GreedyGoldenCancellationAndCleanShutdown) {
     }
   }
   ASSERT_EQ(cases.size(), 4u);
-  std::vector<std::vector<int32_t>> got(cases.size());
-  std::vector<grpc::Status> status(cases.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < cases.size(); ++i) {
-    threads.emplace_back([&, i] {
-      const auto prompt = cases[i]["prompt_ids"].get<std::vector<int32_t>>();
-      grpc::ClientContext ctx;
-      ctx.set_deadline(In(std::chrono::seconds(300)));
-      auto reader = stub->Generate(&ctx, FromIds(prompt, 256 - static_cast<int>(prompt.size())));
-      v1::GenerateResponse m;
-      while (reader->Read(&m)) got[i].insert(got[i].end(), m.token_ids().begin(), m.token_ids().end());
-      status[i] = reader->Finish();
-    });
-  }
-  for (auto& t : threads) t.join();
+  const testing::GoldenRun run =
+      testing::GenerateAllAtOnce(stub.get(), cases, std::chrono::seconds(300));
+  const auto& got = run.tokens;
+  const auto& status = run.status;
   for (size_t i = 0; i < cases.size(); ++i) {
     const std::string id = cases[i]["id"];
     ASSERT_TRUE(status[i].ok()) << id << ": " << status[i].error_message();
