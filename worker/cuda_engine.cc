@@ -561,6 +561,7 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
 
   // Flattened tokens, positions, slots; per-sequence starts, lengths, tables.
   int32_t t = 0;
+  int32_t dec_max_ctx = 1;  // mixed step: longest context of its one-token sequences
   host_.query_start[0] = 0;
   for (int32_t i = 0; i < p.padded_seqs; ++i) {
     int32_t* table = host_.block_tables + int64_t{i} * MB;
@@ -590,10 +591,10 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
       host_.dec_rows[j] = host_.query_start[i];
       host_.dec_context_lens[j] = host_.context_lens[i];
       std::copy_n(s.block_table.begin(), nb, host_.dec_block_tables + int64_t{j} * MB);
-      p.dec_ctx_bucket = std::max(p.dec_ctx_bucket, host_.context_lens[i]);
+      dec_max_ctx = std::max(dec_max_ctx, host_.context_lens[i]);
     }
   }
-  if (p.num_decode > 0) p.dec_ctx_bucket = CtxBucket(p.dec_ctx_bucket, c.max_position_embeddings);
+  if (p.num_decode > 0) p.dec_ctx_bucket = CtxBucket(dec_max_ctx, c.max_position_embeddings);
 
   // Logits rows (token indices) and samples, in sequence order.
   p.sample_index.assign(n, -1);
