@@ -426,8 +426,9 @@ cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
     if (bs >= 16) {
       using Smem = MmaSmem<MmaCfg<D, M, HD>, G, HD>;
       // 4 thread blocks per SM (the launch bounds) at the largest partition.
-      static_assert(Smem::Bytes(kMaxPartition / 16 + 1) <= 56 * 1024);
-      const int smem = Smem::Bytes(blk_ints);
+      // A partition starts at a block boundary: it spans partition / block_size blocks.
+      static_assert(STRATA_MMA_INFLIGHT != 8192 || Smem::Bytes(kMaxPartitionMma / 16) <= 56 * 1024);
+      const int smem = Smem::Bytes(p.partition >> p.log2_bs);
       static KernelAttrCache attrs;
       auto kernel = DecodeMmaKernel<D, M, HD, G>;
       cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), smem, &attrs);

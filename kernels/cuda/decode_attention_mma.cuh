@@ -8,7 +8,10 @@
 // convert the cached codes to fp16, which is exact for all four formats (int8
 // and int4 codes minus their zero point are small integers; fp8 values are a
 // subset of fp16). The fp32 query and the fp32 softmax weights are split into
-// fp16 hi + lo parts (two MMAs), so the products keep ~fp32 accuracy.
+// fp16 hi + lo parts, so the products keep ~fp32 accuracy. With G <= 4 heads
+// per thread block (GQA 4, and no GQA) both parts share one MMA: the heads
+// fill only half of the 8 B-operand columns, so columns 4-7 carry the lo
+// parts and lanes c, c ^ 2 add the halves; G = 8 takes two MMAs.
 //
 // Thread block = (partition, kv head, group of G <= 8 query heads, sequence),
 // 4 warps. Warp w takes the 16-token tiles w, w+4, ... of the partition (a
@@ -76,6 +79,12 @@
 #define STRATA_MMA_TILE_PAIRS 1
 #endif
 
+// Bytes each warp keeps in flight while it computes a tile (compile-time
+// switch for experiments; above 8192 the thread blocks outgrow 4 per SM).
+#ifndef STRATA_MMA_INFLIGHT
+#define STRATA_MMA_INFLIGHT 8192
+#endif
+
 namespace strata::cuda::detail {
 
 constexpr int kMmaThreads = 128;
@@ -120,8 +129,8 @@ struct MmaCfg {
   static constexpr bool kPairs =
       STRATA_MMA_TILE_PAIRS && kDynamic && D == KvDtype::kInt4;
   static constexpr int kStages =
-      kPairs ? ClampInt(2 + (8192 + kSlotBytes - 1) / kSlotBytes, 3, 10)
-             : ClampInt(1 + (8192 + kSlotBytes - 1) / kSlotBytes, 2, 8);
+      kPairs ? ClampInt(2 + (STRATA_MMA_INFLIGHT + kSlotBytes - 1) / kSlotBytes, 3, 10)
+             : ClampInt(1 + (STRATA_MMA_INFLIGHT + kSlotBytes - 1) / kSlotBytes, 2, 8);
   // 128-byte rows (head_dim 128, 8-bit): 16-byte chunk c of row r is stored at
   // c ^ Swz(r), which makes both the K-pass reads (rows g, chunks 2c, 2c+1)
   // and the V-pass reads (rows 4c+i, chunk g) free of bank conflicts. Other
@@ -262,6 +271,11 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   // Subnormal integer codes with folded zero points (see STRATA_MMA_SUBNORMAL_INT).
   constexpr bool kRaw = STRATA_MMA_SUBNORMAL_INT && kDynamic && kInt;
   constexpr float kRawScale = 16777216.0f;  // 2^24
+  // Hi/lo halves in one MMA (G <= 4): the B operands' columns 0-3 carry the
+  // hi parts of heads 0-3 and columns 4-7 their lo parts, so each product is
+  // one MMA instead of two; lanes c and c ^ 2 hold the two halves of the same
+  // heads and add them with one shuffle (logits per tile, outputs at the end).
+  constexpr bool kFold = G <= 4 && !kRaw;
 
   extern __shared__ __align__(16) uint8_t mma_smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -368,11 +382,12 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   uint32_t qh[Cfg::kGpl][2][2], ql[Cfg::kGpl][2][2];
   float qpart = 0.0f;  // this lane's share of sum_d q[g][d] (static int8 zero fold)
   {
-    const float* qp = p.query + (static_cast<int64_t>(token) * p.num_heads + head0 + g) * HD;
+    const int qhead = kFold ? (g & 3) : g;  // fold: columns 4-7 = lo parts of heads 0-3
+    const float* qp = p.query + (static_cast<int64_t>(token) * p.num_heads + head0 + qhead) * HD;
 #pragma unroll
     for (int gi = 0; gi < Cfg::kGpl; ++gi) {
       const int j = KGroup<Cfg>(c, gi);
-      const bool ok = g < G && j < Cfg::kGroups;
+      const bool ok = qhead < G && j < Cfg::kGroups;
 #pragma unroll
       for (int ks = 0; ks < 2; ++ks) {
         float v[4];
@@ -387,17 +402,24 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         }
         SplitPair(v[0], v[1], &qh[gi][ks][0], &ql[gi][ks][0]);
         SplitPair(v[2], v[3], &qh[gi][ks][1], &ql[gi][ks][1]);
+        if (kFold && g >= 4) {
+          qh[gi][ks][0] = ql[gi][ks][0];
+          qh[gi][ks][1] = ql[gi][ks][1];
+        }
       }
     }
   }
   // Static int8: sum of the scaled query of heads 2c, 2c+1 (the K-pass result
-  // columns of this lane). The four lanes of head g hold disjoint dims.
+  // columns of this lane; fold: heads 2 (c & 1), 2 (c & 1) + 1). The four
+  // lanes of head g hold disjoint dims.
   float qsum[2] = {0.0f, 0.0f};
   if constexpr ((kStatic && kInt) || kRaw) {
     qpart += __shfl_xor_sync(0xffffffffu, qpart, 1);
     qpart += __shfl_xor_sync(0xffffffffu, qpart, 2);
 #pragma unroll
-    for (int k = 0; k < 2; ++k) qsum[k] = __shfl_sync(0xffffffffu, qpart, (2 * c + k) * 4);
+    for (int k = 0; k < 2; ++k) {
+      qsum[k] = __shfl_sync(0xffffffffu, qpart, (2 * (kFold ? (c & 1) : c) + k) * 4);
+    }
   }
   float static_ks = 1.0f, static_kz = 0.0f, static_vs = 1.0f, static_vz = 0.0f;
   if constexpr (kStatic) {
@@ -444,7 +466,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
     uint32_t kw0[Cfg::kKWords], kw1[Cfg::kKWords];
     LdsKRow<Cfg>(sk, g, c, kw0);
     LdsKRow<Cfg>(sk, g + 8, c, kw1);
-    // Two independent accumulation chains (hi and lo query parts).
+    // Two independent accumulation chains (hi and lo query parts; fold: k-steps 0 and 1).
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int gi = 0; gi < Cfg::kGpl; ++gi) {
@@ -458,8 +480,21 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       }
 #pragma unroll
       for (int ks = 0; ks < 2; ++ks) {
-        Mma16816(d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
-        Mma16816(d_lo, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0], ql[gi][ks][1]);
+        if constexpr (kFold) {  // two chains (k-steps 0 and 1), half the MMA latency
+          Mma16816(ks ? d_lo : d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0],
+                   qh[gi][ks][1]);
+        } else {
+          Mma16816(d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
+          Mma16816(d_lo, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0],
+                   ql[gi][ks][1]);
+        }
+      }
+    }
+    if constexpr (kFold) {  // the other half of the same heads sits in lane c ^ 2
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        d[i] += d_lo[i];
+        d_lo[i] = __shfl_xor_sync(0xffffffffu, d[i], 2);
       }
     }
     // d: (token g, head 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)
@@ -541,6 +576,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
     uint32_t bh0, bl0, bh1, bl1;
     SplitPair(wv.x, wv.y, &bh0, &bl0);
     SplitPair(wv.z, wv.w, &bh1, &bl1);
+    if (kFold && g >= 4) {  // row g of the transpose holds head g - 4 (lanes c >= 2 wrote it)
+      bh0 = bl0;
+      bh1 = bl1;
+    }
     IntSub sub01, sub23;
     if constexpr (kInt && !kRaw) {
       uint32_t zb = 0u;  // zero-point bytes of tokens 4c .. 4c+3
@@ -561,7 +600,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       for (int b = 0; b < VOp::kBlocks; ++b) {
         float(&o)[4] = acc[u * VOp::kBlocks + b];
         Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bh0, bh1);
-        Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bl0, bl1);
+        if constexpr (!kFold) Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bl0, bl1);
       }
     }
   };
@@ -661,6 +700,13 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
     if constexpr (kRaw) {
 #pragma unroll
       for (int o = 4; o < 32; o <<= 1) zsum[k] += __shfl_xor_sync(0xffffffffu, zsum[k], o);
+    }
+  }
+  if constexpr (kFold) {  // hi (lanes c < 2) + lo (lanes c ^ 2) products of heads 2c + k
+#pragma unroll
+    for (int b = 0; b < Cfg::kBlocks; ++b) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[b][e] += __shfl_xor_sync(0xffffffffu, acc[b][e], 2);
     }
   }
   float* red = reinterpret_cast<float*>(ring);  // [G][HD], this warp's share

@@ -113,6 +113,13 @@ struct SupportedOp {
 
 cudaError_t KernelSupported(const KernelDesc& desc) { return Dispatch<SupportedOp>(desc); }
 
+int32_t MaxDecodePartition(const KvCacheView& cache) {
+  const KvDtype d = cache.layout.format.dtype;
+  const bool mma = d == KvDtype::kFp8E4M3 || d == KvDtype::kFp8E5M2 || d == KvDtype::kInt8 ||
+                   d == KvDtype::kInt4;
+  return mma && cache.layout.block_size >= 16 ? kMaxPartitionMma : kMaxPartition;
+}
+
 DecodePlan PlanDecodeWithPartition(const KvCacheView& cache, int32_t num_seqs, int32_t num_heads,
                                    int32_t max_context_len, int32_t partition_size) {
   DecodePlan plan;
@@ -133,11 +140,12 @@ DecodePlan PlanDecode(const KvCacheView& cache, int32_t num_seqs, int32_t num_he
   // Aim at >= 2 thread blocks per SM in total: long partitions amortize the
   // per-block setup and the merge (measured on H200, batch 64 x 8 kv heads:
   // P = 2048 best at 4K context, P = 512 / one split best at 512); partitions
-  // of 256..2048 tokens.
+  // of 256..2048 tokens, up to 4096 for the tensor-core kernel (one split at
+  // 4K: no merge kernel and one wave of thread blocks instead of two).
   const int64_t want_splits = (int64_t{num_sms} * 2 + base_ctas - 1) / base_ctas;
   int64_t part = (max_context_len + want_splits - 1) / std::max<int64_t>(want_splits, 1);
   part = (part + 255) / 256 * 256;
-  part = std::clamp<int64_t>(part, 256, kMaxPartition);
+  part = std::clamp<int64_t>(part, 256, MaxDecodePartition(cache));
   const int bs = cache.layout.block_size;
   part = (part + bs - 1) / bs * bs;  // block sizes above 256: partitions of whole blocks
   return PlanDecodeWithPartition(cache, num_seqs, num_heads, max_context_len,
@@ -148,7 +156,7 @@ cudaError_t PagedDecodeAttention(AttentionArgs args, DecodePlan plan, void* work
                                  cudaStream_t stream) {
   if (!ValidAttention(args)) return cudaErrorInvalidValue;
   const int bs = args.cache.layout.block_size;
-  if (plan.partition_size <= 0 || plan.partition_size > kMaxPartition ||
+  if (plan.partition_size <= 0 || plan.partition_size > MaxDecodePartition(args.cache) ||
       plan.partition_size % bs != 0 || plan.max_splits <= 0 ||
       int64_t{plan.max_splits} * plan.partition_size < plan.max_context_len) {
     return cudaErrorInvalidValue;

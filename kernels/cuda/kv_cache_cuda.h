@@ -64,12 +64,15 @@ struct AttentionArgs {
 // thread block per (partition, kv head group, sequence); partial results are
 // merged by a second kernel.
 struct DecodePlan {
-  int32_t partition_size = 0;   // tokens; multiple of 256 and of block_size, <= kMaxPartition
+  int32_t partition_size = 0;   // tokens; multiple of 256 and of block_size, <= MaxDecodePartition
   int32_t max_splits = 0;       // ceil(max_context_len / partition_size)
   int32_t max_context_len = 0;  // every context_len of the step must be <= this
   int64_t workspace_bytes = 0;  // device scratch PagedDecodeAttention needs
 };
-constexpr int32_t kMaxPartition = 2048;
+constexpr int32_t kMaxPartition = 2048;     // the CUDA-core decode kernel
+constexpr int32_t kMaxPartitionMma = 4096;  // the tensor-core one (8-bit / 4-bit caches, block >= 16)
+// The largest partition the decode kernel of `cache`'s format takes.
+int32_t MaxDecodePartition(const KvCacheView& cache);
 
 // `num_sms`: the device's multiprocessor count (cudaDevAttrMultiProcessorCount).
 DecodePlan PlanDecode(const KvCacheView& cache, int32_t num_seqs, int32_t num_heads,

@@ -338,7 +338,7 @@ TEST(KernelDispatch, SupportedMatrixAndErrors) {
   const DecodePlan plan = PlanDecode(v, 8, 4, 5000, 132);
   EXPECT_EQ(plan.partition_size % 256, 0);
   EXPECT_GE(int64_t{plan.partition_size} * plan.max_splits, 5000);
-  EXPECT_LE(plan.partition_size, kMaxPartition);
+  EXPECT_LE(plan.partition_size, MaxDecodePartition(v));
 }
 
 using Param = std::tuple<KvFormat, int, int, int>;  // format, head_dim, block size, GQA ratio
@@ -420,8 +420,8 @@ TEST_P(CudaKvTest, DecodeMatchesCpu) {
   int dev = 0, sms = 0;
   ASSERT_CUDA(cudaGetDevice(&dev));
   ASSERT_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  // The planner's choice, and forced small / large partitions (many splits, one split).
-  for (int forced : {0, 256, 2048}) {
+  // The planner's choice, and forced small / large partitions (many splits, few splits).
+  for (int forced : {0, 256, 2048, MaxDecodePartition(c.dev)}) {
     const DecodePlan plan = forced ? PlanDecodeWithPartition(c.dev, st.host_batch.num_seqs, heads, st.max_ctx, forced)
                                    : PlanDecode(c.dev, st.host_batch.num_seqs, heads, st.max_ctx, sms);
     DeviceBuf<uint8_t> ws(plan.workspace_bytes);
