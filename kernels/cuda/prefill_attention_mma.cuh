@@ -56,7 +56,7 @@ __device__ __forceinline__ uint32_t LdsU32(const __half* p) {
 }
 
 template <KvDtype D, KvScaleMode M, int HD>
-__global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillParams p) {
+__global__ void __launch_bounds__(kPfThreads, 3) PrefillMmaKernel(const PrefillParams p) {
   using S = PrefillMmaSmem<HD>;
   constexpr int kNc = HD / 8;
   constexpr int kKs = HD / 16;  // k-steps of Q K^T
@@ -144,29 +144,58 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
   float ws0 = 0.0f, ws1 = 0.0f;          // weight scale of the rows (0: none yet)
   float qs0 = 0.0f, qs1 = 0.0f;
 
-  for (int k0 = 0; k0 < kv_end; k0 += kPmKt) {
-    __syncthreads();  // the previous tile is consumed (and qsum is written)
-    if constexpr (kFold) {
-      if (k0 == 0) qs0 = qsum[r0], qs1 = qsum[r1];
+  // Staging, software-pipelined: the raw cache words of tile t + 1 are loaded
+  // into registers while tile t is computed, and decoded into shared memory
+  // after it. Thread (warp w, lane) stages position k0 + lane, 8-dim chunks
+  // w, w + 4, ...; warp 0 also its scales and zero points for the products
+  // (measured on an H100: 16K context 1.08-1.11x, 4K 1.00-1.09x).
+  constexpr int kCw = ChunkTraits<D>::kWords;
+  constexpr int kCb = ChunkTraits<D>::kBytes;
+  constexpr int kRowBytes = HD * KvDtypeBits(D) / 8;
+  constexpr int kCpt = (kPmKt * kNc + kPfThreads - 1) / kPfThreads;  // chunks per thread
+  uint32_t rk[kCpt][kCw], rv[kCpt][kCw];
+  float rsk = 0.0f, rzk = 0.0f, rsv = 0.0f, rzv = 0.0f;
+  bool rvalid = false;
+  const KvBlockLayout& lay = p.cache.layout;
+  auto load_raw = [&](int k0) {
+    const int pos = k0 + lane;
+    rvalid = pos < kv_end;
+    if (!rvalid) return;
+    const int32_t b = table[pos >> p.log2_bs];
+    const uint32_t ridx = head_row + (pos & bs_mask);
+    const uint8_t* blk = p.cache.pool + static_cast<int64_t>(b) * lay.block_bytes;
+#pragma unroll
+    for (int i = 0; i < kCpt; ++i) {
+      const int ch = warp + 4 * i;
+      if (ch < kNc) {
+        LoadChunk<kCb>(blk + lay.k_data + ridx * kRowBytes + ch * kCb, rk[i]);
+        LoadChunk<kCb>(blk + lay.v_data + ridx * kRowBytes + ch * kCb, rv[i]);
+      }
     }
-    // Stage positions [k0, k0 + 32): a warp takes one 8-dim chunk of 32 positions.
-    for (int idx = tid; idx < kPmKt * kNc; idx += kPfThreads) {
-      const int tt = idx % kPmKt, ch = idx / kPmKt;
-      const int pos = k0 + tt;
+    if (warp == 0 || kZeroInCodes) {  // every warp subtracts dynamic zero points
+      kscale.Read(blk, lay.k_scale, lay.k_zero, ridx, &rsk, &rzk);
+      vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &rsv, &rzv);
+    }
+  };
+  // Decodes the loaded words of tile k0 into shared memory (zeros past the
+  // context: stale bytes could be NaN or Inf).
+  auto store_raw = [&](int k0) {
+    const int tt = lane;
+#pragma unroll
+    for (int i = 0; i < kCpt; ++i) {
+      const int ch = warp + 4 * i;
+      if (ch >= kNc) continue;
       float kx[8], vx[8];
-      if (pos < kv_end) {
-        float sk, zk, sv, zv;
-        ReadKvChunk<D, M, HD>(p, table, head_row, bs_mask, pos, ch, kscale, vscale, kx, vx, &sk, &zk, &sv, &zv);
+      if (rvalid) {
+        DecodeChunk<D>(rk[i], kx);
+        DecodeChunk<D>(rv[i], vx);
         if constexpr (kZeroInCodes) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) kx[e] -= zk, vx[e] -= zv;
-          zk = zv = 0.0f;
+          for (int e = 0; e < 8; ++e) kx[e] -= rzk, vx[e] -= rzv;
         }
-        if (ch == 0) mks[tt] = sk, mkz[tt] = zk, mvs[tt] = sv, mvz[tt] = zv;
-      } else {  // past the context: zeros (stale bytes could be NaN or Inf)
+      } else {
 #pragma unroll
         for (int e = 0; e < 8; ++e) kx[e] = vx[e] = 0.0f;
-        if (ch == 0) mks[tt] = mkz[tt] = mvs[tt] = mvz[tt] = 0.0f;
       }
       uint4 kh;
       kh.x = H2Bits(__floats2half2_rn(kx[0], kx[1]));
@@ -177,6 +206,23 @@ __global__ void __launch_bounds__(kPfThreads) PrefillMmaKernel(const PrefillPara
 #pragma unroll
       for (int e = 0; e < 8; ++e) vt[(ch * 8 + e) * kVs + tt] = __float2half_rn(vx[e]);
     }
+    if (warp == 0) {
+      const bool zin = kZeroInCodes;
+      mks[tt] = rvalid ? rsk : 0.0f;
+      mkz[tt] = rvalid && !zin ? rzk : 0.0f;
+      mvs[tt] = rvalid ? rsv : 0.0f;
+      mvz[tt] = rvalid && !zin ? rzv : 0.0f;
+    }
+  };
+
+  load_raw(0);
+  for (int k0 = 0; k0 < kv_end; k0 += kPmKt) {
+    __syncthreads();  // the previous tile is consumed (and qsum is written)
+    if constexpr (kFold) {
+      if (k0 == 0) qs0 = qsum[r0], qs1 = qsum[r1];
+    }
+    store_raw(k0);
+    if (k0 + kPmKt < kv_end) load_raw(k0 + kPmKt);  // in flight during this tile's products
     __syncthreads();
     if (k0 > warp_last) continue;  // warp-uniform: the tile is after all of its rows
 
