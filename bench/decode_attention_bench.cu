@@ -2,8 +2,11 @@
 // 128, block 16, contexts 512 / 4096 / 32768, every KV format.
 //
 // Time: CUDA events around each call (decode kernel + split-K merge), after a
-// warm-up, median of many. Inputs: random K/V written through WriteKvCache (real
-// scales / zero points), random queries; several cache copies with different
+// warm-up, median of many: calls queued back to back behind a GPU spin (the
+// table's time; the FlashInfer peer script's method), and synchronous calls,
+// which also include the launch latency ("sync call": the method of the
+// result files before 2026-11-26's evening). Inputs: random K/V written through
+// WriteKvCache (real scales / zero points), random queries; several cache copies with different
 // block tables are rotated so that the bytes touched per call sequence exceed
 // L2 several times. Achieved bandwidth = (K/V data + scale/zero bytes read +
 // output written) / time, compared with cudaMemcpy device-to-device bandwidth
@@ -102,10 +105,12 @@ struct Result {
   int ctx;
   std::string name;
   int partition;
-  double us;
+  double us;       // queued
+  double sync_us;  // sync
   double gbps;
   double frac;
   double rel_fp16;
+  double sync_rel_fp16;
 };
 
 float Median(std::vector<float> v) {
@@ -113,26 +118,73 @@ float Median(std::vector<float> v) {
   return v[v.size() / 2];
 }
 
-// Median milliseconds of `iters` calls of call(i) (after `warmup` untimed
-// ones), each bracketed by CUDA events on the default stream.
+// Spins for `ns` nanoseconds of GPU time (keeps the GPU busy while the host
+// queues a group of timed calls).
+__global__ void SpinKernel(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+
+// Two timings of a call, each the median milliseconds over `iters` calls of
+// call(i) (after `warmup` untimed ones) bracketed by CUDA events:
+//   sync:   the host waits for each call before it launches the next, so the
+//           time includes the launch latency of the call's first kernel (a few
+//           microseconds; the method of the earlier result files);
+//   queued: groups of 10 calls are queued behind a 2 ms GPU spin, so the
+//           events bracket back-to-back GPU work only, as in a CUDA graph
+//           replay and as bench/peer_flashinfer.py times FlashInfer.
+struct Timing {
+  float sync_ms = 0;
+  float queued_ms = 0;
+};
+
 template <class Call>
-float TimeCalls(int warmup, int iters, Call call) {
+Timing TimeCalls(int warmup, int iters, Call call) {
+  Timing r;
+  for (int i = 0; i < warmup; ++i) call(i);
+  CHECK_CUDA(cudaDeviceSynchronize());
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
   std::vector<float> ms;
-  for (int i = 0; i < warmup + iters; ++i) {
+  for (int i = warmup; i < warmup + iters; ++i) {
     CHECK_CUDA(cudaEventRecord(e0));
     call(i);
     CHECK_CUDA(cudaEventRecord(e1));
     CHECK_CUDA(cudaEventSynchronize(e1));
     float t;
     CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-    if (i >= warmup) ms.push_back(t);
+    ms.push_back(t);
   }
   CHECK_CUDA(cudaEventDestroy(e0));
   CHECK_CUDA(cudaEventDestroy(e1));
-  return Median(ms);
+  r.sync_ms = Median(ms);
+  constexpr int kGroup = 10;
+  std::vector<cudaEvent_t> ev(2 * kGroup);
+  for (cudaEvent_t& e : ev) CHECK_CUDA(cudaEventCreate(&e));
+  ms.clear();
+  for (int done = 0; done < iters; done += kGroup) {
+    const int n = std::min(kGroup, iters - done);
+    SpinKernel<<<1, 1>>>(2000000ull);
+    CHECK_CUDA(cudaGetLastError());
+    for (int j = 0; j < n; ++j) {
+      CHECK_CUDA(cudaEventRecord(ev[2 * j]));
+      call(warmup + done + j);
+      CHECK_CUDA(cudaEventRecord(ev[2 * j + 1]));
+    }
+    CHECK_CUDA(cudaDeviceSynchronize());
+    for (int j = 0; j < n; ++j) {
+      float t;
+      CHECK_CUDA(cudaEventElapsedTime(&t, ev[2 * j], ev[2 * j + 1]));
+      ms.push_back(t);
+    }
+  }
+  for (cudaEvent_t& e : ev) CHECK_CUDA(cudaEventDestroy(e));
+  r.queued_ms = Median(ms);
+  return r;
 }
 
 // Exits when a device output holds a NaN or infinity.
@@ -156,7 +208,7 @@ double CopyBandwidth(int iters) {
   for (int i = 0; i < 2; ++i) CHECK_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
   const float ms = TimeCalls(0, iters, [&](int i) {
     CHECK_CUDA(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
-  });
+  }).sync_ms;
   CHECK_CUDA(cudaFree(a));
   CHECK_CUDA(cudaFree(b));
   return 2.0 * bytes / (ms * 1e-3) / 1e9;  // read + write, GB/s
@@ -269,10 +321,10 @@ double StepBytes(const KvCacheView& v, int ctx) {
   return double(kBatch) * ctx * kKvHeads * per_token + double(kBatch) * kHeads * kHeadDim * 4;
 }
 
-// Median time (us) of one decode step with the given plan.
+// Median time (ms, both methods) of one decode step with the given plan.
 int g_warmup = 3;
 
-double TimeDecode(Setup& s, const sc::DecodePlan& plan, int ctx, int iters) {
+Timing TimeDecode(Setup& s, const sc::DecodePlan& plan, int ctx, int iters) {
   void* ws = nullptr;
   if (plan.workspace_bytes > 0) CHECK_CUDA(cudaMalloc(&ws, plan.workspace_bytes));
   sc::AttentionArgs a;
@@ -286,13 +338,13 @@ double TimeDecode(Setup& s, const sc::DecodePlan& plan, int ctx, int iters) {
   a.out = s.out;
   a.num_heads = kHeads;
   a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
-  const float ms = TimeCalls(g_warmup, iters, [&](int i) {
+  const Timing t = TimeCalls(g_warmup, iters, [&](int i) {
     a.batch.block_tables = s.tables[i % s.copies];
     CHECK_CUDA(sc::PagedDecodeAttention(a, plan, ws, nullptr));
   });
   CheckFinite(s.out, size_t{kBatch} * kHeads * kHeadDim, "decode");
   if (ws) CHECK_CUDA(cudaFree(ws));
-  return ms * 1e3;
+  return t;
 }
 
 // Prefill attention: `nseq` sequences of context `ctx`, each with a chunk of
@@ -326,7 +378,7 @@ double TimePrefill(Setup& s, int ctx, int chunk, int nseq, int iters) {
   a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
   const float ms = TimeCalls(g_warmup, iters, [&](int) {
     CHECK_CUDA(sc::PagedPrefillAttention(a, chunk, nullptr));
-  });
+  }).queued_ms;
   CheckFinite(out, qn, "prefill");
   CHECK_CUDA(cudaFree(dqs));
   CHECK_CUDA(cudaFree(dctx));
@@ -364,7 +416,7 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   for (int ctx : {512, 4096, 32768}) {
     if ((only_ctx && ctx != only_ctx) || prefill_only) continue;
-    double fp16_us = 0;
+    double fp16_us = 0, fp16_sync_us = 0;
     for (const FormatCase& fc : kFormats) {
       if (ctx == 32768 && fc.format.dtype == KvDtype::kFp32) continue;  // 34 GB of cache
       Setup s = MakeSetup(fc.format, ctx, prop.l2CacheSize);
@@ -372,19 +424,23 @@ int main(int argc, char** argv) {
           sc::PlanDecode(s.view, kBatch, kHeads, ctx, prop.multiProcessorCount);
       const int iters =
           iters_override > 0 ? iters_override : quick ? 5 : (ctx == 32768 ? 30 : 100);
-      const double us = TimeDecode(s, plan, ctx, iters);
-      if (fc.format.dtype == KvDtype::kFp16) fp16_us = us;
+      const Timing t = TimeDecode(s, plan, ctx, iters);
+      const double us = t.queued_ms * 1e3, sync_us = t.sync_ms * 1e3;
+      if (fc.format.dtype == KvDtype::kFp16) fp16_us = us, fp16_sync_us = sync_us;
       const double gbps = StepBytes(s.view, ctx) / (us * 1e-6) / 1e9;
-      results.push_back({ctx, fc.name, plan.partition_size, us, gbps, gbps / copy_bw,
-                         fp16_us > 0 ? us / fp16_us : 0});
-      std::printf("ctx %5d %-16s P %4d x%-3d copies %2d: %9.1f us  %6.0f GB/s  %5.1f%% of copy\n",
+      results.push_back({ctx, fc.name, plan.partition_size, us, sync_us, gbps, gbps / copy_bw,
+                         fp16_us > 0 ? us / fp16_us : 0,
+                         fp16_sync_us > 0 ? sync_us / fp16_sync_us : 0});
+      std::printf("ctx %5d %-16s P %4d x%-3d copies %2d: %9.1f us  %6.0f GB/s  %5.1f%% of copy"
+                  "  (sync call %.1f us)\n",
                   ctx, fc.name, plan.partition_size, plan.max_splits, s.copies, us, gbps,
-                  100 * gbps / copy_bw);
+                  100 * gbps / copy_bw, sync_us);
       std::fflush(stdout);
       if (sweep && ctx != 32768) {
-        for (int p : {256, 512, 1024, 2048}) {
+        for (int p : {256, 512, 1024, 2048, 4096}) {
+          if (p > sc::MaxDecodePartition(s.view)) continue;
           const auto pp = sc::PlanDecodeWithPartition(s.view, kBatch, kHeads, ctx, p);
-          const double t = TimeDecode(s, pp, ctx, quick ? 5 : 50);
+          const double t = TimeDecode(s, pp, ctx, quick ? 5 : 50).queued_ms * 1e3;
           std::printf("    sweep P %4d: %9.1f us  %6.0f GB/s\n", p, t,
                       StepBytes(s.view, ctx) / (t * 1e-6) / 1e9);
         }
@@ -416,11 +472,14 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\n| context | format | partition | time (us) | GB/s | %% of D2D copy | time / fp16 |\n");
-  std::printf("|---:|---|---:|---:|---:|---:|---:|\n");
+  // Queued: back-to-back GPU time; sync call: also the launch latency (see TimeCalls).
+  std::printf("\n| context | format | partition | time (us) | GB/s | %% of D2D copy | time / fp16 |"
+              " sync call (us) | sync / fp16 |\n");
+  std::printf("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Result& r : results) {
-    std::printf("| %d | %s | %d | %.1f | %.0f | %.1f%% | %.3f |\n", r.ctx, r.name.c_str(),
-                r.partition, r.us, r.gbps, 100 * r.frac, r.rel_fp16);
+    std::printf("| %d | %s | %d | %.1f | %.0f | %.1f%% | %.3f | %.1f | %.3f |\n", r.ctx,
+                r.name.c_str(), r.partition, r.us, r.gbps, 100 * r.frac, r.rel_fp16, r.sync_us,
+                r.sync_rel_fp16);
   }
   return 0;
 }
