@@ -35,6 +35,12 @@ class Collectives {
   // (where the call is enqueued on the backend's stream and returns before
   // the data is ready; Barrier() or the engine's own stream sync waits).
   virtual absl::Status AllReduceSum(float* data, int64_t n) = 0;
+  // The same over 16-bit floats (IEEE fp16, or bf16 when `bf16`); backends
+  // without it answer UNIMPLEMENTED.
+  virtual absl::Status AllReduceSumHalf(void* data, int64_t n, bool bf16) {
+    (void)data, (void)n, (void)bf16;
+    return absl::UnimplementedError("16-bit all-reduce is not supported by this backend");
+  }
   // Copies `bytes` from `root`'s buffer into every rank's buffer.
   virtual absl::Status Broadcast(void* data, int64_t bytes, int root) = 0;
   // Returns once every rank has entered the barrier (and, for NCCL, once the

@@ -70,6 +70,14 @@ class NcclImpl final : public NcclCollectives {
     return r == ncclInProgress ? WaitComm("ncclAllReduce") : absl::OkStatus();
   }
 
+  absl::Status AllReduceSumHalf(void* data, int64_t n, bool bf16) override {
+    if (comm_ == nullptr) return absl::UnavailableError("NCCL communicator was aborted");
+    ncclResult_t r = ncclAllReduce(data, data, static_cast<size_t>(n), bf16 ? ncclBfloat16 : ncclFloat16,
+                                   ncclSum, comm_, stream_);
+    if (r != ncclSuccess && r != ncclInProgress) return Check(r, "ncclAllReduce");
+    return r == ncclInProgress ? WaitComm("ncclAllReduce") : absl::OkStatus();
+  }
+
   absl::Status Broadcast(void* data, int64_t bytes, int root) override {
     if (root < 0 || root >= size_) {
       return absl::InvalidArgumentError(absl::StrCat("broadcast root ", root, " of ", size_, " ranks"));

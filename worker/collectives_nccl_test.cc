@@ -5,6 +5,7 @@
 // Each rank is a fresh process: the test forks and re-executes its own binary
 // with the rank in the environment (CUDA and gRPC do not survive a plain
 // fork), and a static initializer runs the rank before main().
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -78,6 +80,34 @@ int RankMain(int rank, const std::string& address, const std::string& scenario) 
     CHILD_CHECK(secs < 30, "the failure took %.1f s", secs);
     std::fprintf(stderr, "rank 0: dead peer detected after %.2f s: %s\n", secs, s.ToString().c_str());
     return 0;
+  }
+
+  // 16-bit all-reduce (fp16 and bf16 bit patterns of small integers: exact sums).
+  for (bool bf16 : {false, true}) {
+    std::vector<uint16_t> h16(n);
+    auto bits = [&](float v) {
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      if (bf16) return static_cast<uint16_t>(u >> 16);  // exact for these values
+      const __half hv = __float2half(v);
+      uint16_t r;
+      std::memcpy(&r, &hv, 2);
+      return r;
+    };
+    for (int64_t i = 0; i < n; ++i) h16[i] = bits(static_cast<float>((rank + 1) * (i % 64)));
+    uint16_t* d16 = nullptr;
+    CHILD_CHECK(cudaMalloc(&d16, n * 2) == cudaSuccess, "cudaMalloc");
+    CHILD_CHECK(cudaMemcpy(d16, h16.data(), n * 2, cudaMemcpyHostToDevice) == cudaSuccess, "copy");
+    s = nccl.AllReduceSumHalf(d16, n, bf16);
+    CHILD_CHECK(s.ok(), "allreduce half: %s", s.ToString().c_str());
+    s = nccl.Synchronize();
+    CHILD_CHECK(s.ok(), "sync: %s", s.ToString().c_str());
+    CHILD_CHECK(cudaMemcpy(h16.data(), d16, n * 2, cudaMemcpyDeviceToHost) == cudaSuccess, "copy");
+    for (int64_t i = 0; i < n; ++i) {
+      CHILD_CHECK(h16[i] == bits(static_cast<float>(3 * (i % 64))), "%s sum[%ld]", bf16 ? "bf16" : "fp16",
+                  long(i));
+    }
+    cudaFree(d16);
   }
 
   int32_t* b = nullptr;

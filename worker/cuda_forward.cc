@@ -125,8 +125,9 @@ absl::Status CudaEngine::Forward(const Plan& p) {
       }
     }
     RETURN_IF_ERROR(Mark("attention"));
-    // Row-parallel projections accumulate into the residual x_; sharded, the
-    // partials are summed over the ranks (rank 0's includes the residual).
+    // Row-parallel projections accumulate into the residual x_ (RowParallel).
+    // The small-batch path, sharded: rank 0's partial includes the residual,
+    // the others start from zero, and the fp32 residual is all-reduced.
     if (small) {
       RETURN_IF_ERROR(ZeroForPartial(T));
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kF32AddF32, lw.wo, d, q, attn_, nullptr, x_));
@@ -140,19 +141,33 @@ absl::Status CudaEngine::Forward(const Plan& p) {
       RETURN_IF_ERROR(AllReduceResidual(T));
       continue;
     }
-    const bool residual = options_.shard.rank == 0;  // other ranks' partials start from zero
     CUDA_RETURN_IF_ERROR(cuda_ops::ConvertF32(attn_, int64_t{T} * q, attn_t_, act_, stream_));
-    RETURN_IF_ERROR(Gemm(attn_t_, lw.wo, x_, true, T, d, q, /*accumulate=*/residual));
-    RETURN_IF_ERROR(Mark("o_proj"));
-    RETURN_IF_ERROR(AllReduceResidual(T));
+    RETURN_IF_ERROR(RowParallel(attn_t_, lw.wo, T, q, "o_proj"));
     CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.mlp_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
     RETURN_IF_ERROR(Gemm(h_, lw.wgu, gu_, false, T, 2 * f, d, false));
     RETURN_IF_ERROR(Mark("mlp_norm+gate_up"));
     CUDA_RETURN_IF_ERROR(cuda_ops::SiluMul(gu_, T, f, act_buf_, act_, stream_));
-    RETURN_IF_ERROR(Gemm(act_buf_, lw.wdown, x_, true, T, d, f, /*accumulate=*/residual));
-    RETURN_IF_ERROR(Mark("silu+down"));
-    RETURN_IF_ERROR(AllReduceResidual(T));
+    RETURN_IF_ERROR(RowParallel(act_buf_, lw.wdown, T, f, "silu+down"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::RowParallel(const void* x, const void* w, int64_t tokens, int64_t k,
+                                     const char* stage) {
+  const int64_t d = config_.hidden_size;
+  if (!options_.shard.sharded()) {
+    RETURN_IF_ERROR(Gemm(x, w, x_, /*y_fp32=*/true, tokens, d, k, /*accumulate=*/true));
+    return Mark(stage);
+  }
+  // Each rank's partial in the activation dtype (h_ is free here: its norm
+  // output has been consumed), summed over the ranks in 16 bits, which halves
+  // the all-reduce's bytes against the fp32 residual, then added to every
+  // rank's copy of the residual.
+  RETURN_IF_ERROR(Gemm(x, w, h_, /*y_fp32=*/false, tokens, d, k, /*accumulate=*/false));
+  RETURN_IF_ERROR(Mark(stage));
+  RETURN_IF_ERROR(options_.collectives->AllReduceSumHalf(h_, tokens * d, act_ == ActDtype::kBf16));
+  RETURN_IF_ERROR(Mark("all_reduce"));
+  CUDA_RETURN_IF_ERROR(cuda_ops::AddToF32(h_, act_, tokens * d, x_, stream_));
   return absl::OkStatus();
 }
 

@@ -66,6 +66,9 @@ cudaError_t SiluMul(const void* gu, int32_t tokens, int32_t f, void* out, ActDty
 cudaError_t ConvertF32(const float* in, int64_t n, void* out, ActDtype out_dtype,
                        cudaStream_t stream);
 
+// out[i] += float(in[i]), in of T (a tensor-parallel partial into the residual).
+cudaError_t AddToF32(const void* in, ActDtype in_dtype, int64_t n, float* out, cudaStream_t stream);
+
 // Deterministic pseudo-random fill: p[i] = lo + (hi - lo) * u(seed, i), u in
 // [0, 1) from a counter hash (no state, any grid). For dummy weights.
 cudaError_t FillUniform(void* p, ActDtype dtype, int64_t n, uint64_t seed, float lo, float hi,

@@ -143,6 +143,20 @@ TEST_P(Dtypes, ConvertRoundsToNearestEven) {
   for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(got[i], ToBits(x[i], dt)) << x[i];
 }
 
+TEST_P(Dtypes, AddToF32AddsTheWidenedValues) {
+  SKIP_WITHOUT_GPU();
+  const ActDtype dt = GetParam();
+  const auto part = Normal(3001, 12, 10.0f);
+  auto acc = Normal(part.size(), 13, 100.0f);
+  std::vector<uint16_t> bits(part.size());
+  for (size_t i = 0; i < part.size(); ++i) bits[i] = ToBits(part[i], dt);
+  Dev<uint16_t> d_in(bits);
+  Dev<float> d_acc(acc);
+  CUDA_ASSERT(AddToF32(d_in.p, dt, static_cast<int64_t>(part.size()), d_acc.p, nullptr));
+  const auto got = d_acc.Get();
+  for (size_t i = 0; i < part.size(); ++i) ASSERT_EQ(got[i], acc[i] + FromBits(bits[i], dt)) << i;
+}
+
 TEST_P(Dtypes, FillUniformIsDeterministicAndInRange) {
   SKIP_WITHOUT_GPU();
   const ActDtype dt = GetParam();

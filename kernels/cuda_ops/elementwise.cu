@@ -61,6 +61,14 @@ __global__ void SiluMulKernel(const T* __restrict__ gu, int32_t tokens, int32_t 
 }
 
 template <class T>
+__global__ void AddToF32Kernel(const T* __restrict__ in, int64_t n, float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] += ToFloat<T>(in[i]);
+  }
+}
+
+template <class T>
 __global__ void ConvertKernel(const float* __restrict__ in, int64_t n, T* __restrict__ out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -125,6 +133,15 @@ cudaError_t ConvertF32(const float* in, int64_t n, void* out, ActDtype out_dtype
   return detail::VisitActDtype(out_dtype, [&](auto tag) {
     using T = decltype(tag);
     ConvertKernel<T><<<GridFor(n, 256), 256, 0, stream>>>(in, n, static_cast<T*>(out));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t AddToF32(const void* in, ActDtype in_dtype, int64_t n, float* out, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  return detail::VisitActDtype(in_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    AddToF32Kernel<T><<<GridFor(n, 256), 256, 0, stream>>>(static_cast<const T*>(in), n, out);
     return cudaGetLastError();
   });
 }
