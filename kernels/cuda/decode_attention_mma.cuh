@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   // hi parts of heads 0-3 and columns 4-7 their lo parts, so each product is
   // one MMA instead of two; lanes c and c ^ 2 hold the two halves of the same
   // heads and add them with one shuffle (logits per tile, outputs at the end).
-  constexpr bool kFold = G <= 4 && !kRaw;
+  constexpr bool kFold = G <= 4;
 
   extern __shared__ __align__(16) uint8_t mma_smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
