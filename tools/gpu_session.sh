@@ -14,7 +14,8 @@
 #         engine   fused-op tests, the engine's golden test, decode step benchmark
 #         serve    `strata serve --device cuda` end to end (tests/serving_gpu_test.cc;
 #                  STRATA_GPU_TP picks the tp sizes, default "1 2 4" up to the GPUs)
-#         tp       tensor-parallel decode step time (bench/tp_decode_bench.cc)
+#         tp       NCCL collectives tests, then the tensor-parallel decode step
+#                  time (bench/tp_decode_bench.cc)
 #         sbench   the serving benchmark against `strata serve` (SBENCH_* in sbench())
 #         peer     bench/peer_hf.py, the transformers generation loop (PEER_ARGS)
 set -uo pipefail
@@ -171,6 +172,8 @@ run() {
           > "$out/serving_gpu_test.log" 2>&1 || rc=1
         grep -E '^\[gpu-serve\]|^\[  (PASSED|FAILED|SKIPPED)|Failure|FAILED|error' "$out/serving_gpu_test.log" | head -80 ;;
       tp)
+        timeout 120 "$work/worker_collectives_nccl_test" > "$out/collectives_nccl_test.log" 2>&1 || rc=1
+        grep -E '^\[  (PASSED|FAILED|SKIPPED)|Failure' "$out/collectives_nccl_test.log" | head -10
         timeout ${TP_TIMEOUT:-300} "$work/tp_decode_bench" --markdown "$out/tp_decode_bench.md" ${TP_ARGS:-} \
           > "$out/tp_decode_bench.log" 2>&1 || rc=1
         cat "$out/tp_decode_bench.log" | tail -30 ;;
