@@ -20,6 +20,18 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// ldmatrix.x4: four 8x8 matrices of 16-bit values from shared memory. Lane l
+// passes the address of row l % 8 of matrix l / 8 (16 contiguous bytes,
+// 16-byte aligned) and receives, in r[m], the pair (row l / 4, columns
+// 2 (l % 4), 2 (l % 4) + 1) of matrix m: the layout of an mma.m16n8k16
+// fragment register.
+__device__ __forceinline__ void Ldsm4(const void* row, uint32_t (&r)[4]) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 __device__ __forceinline__ uint32_t H2Bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 BitsH2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 

@@ -51,8 +51,52 @@ struct PrefillMmaSmem {
   static constexpr int kBytes = kQSum + kPfRows * 4;
 };
 
-__device__ __forceinline__ uint32_t LdsU32(const __half* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
+// One staged chunk (8 elements) of an 8-bit or 4-bit cache as four fp16
+// pairs (elements 2i, 2i + 1 in h[i]), exactly the raw values DecodeChunk
+// gives minus the integer zero point `z` (0 where the codes keep it): integer
+// codes through fp16 magic numbers (1024 + code) and one subtraction, fp8 by
+// conversion or as the top byte of an fp16. No float round trip.
+template <KvDtype D>
+__device__ __forceinline__ void ChunkToHalves(const uint32_t (&w)[ChunkTraits<D>::kWords], int z,
+                                              uint32_t (&h)[4]) {
+  if constexpr (D == KvDtype::kInt8) {
+    // byte ^ 0x80 = code + 128; (1024 + code + 128) - (1024 + 128 + z) = code - z.
+    const __half2 sub = BitsH2(0x64006400u | (static_cast<uint32_t>(z + 128) * 0x00010001u));
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t u = w[i] ^ 0x80808080u;
+      h[2 * i] = H2Bits(__hsub2(BitsH2(__byte_perm(u, 0x64646464u, 0x4140u)), sub));
+      h[2 * i + 1] = H2Bits(__hsub2(BitsH2(__byte_perm(u, 0x64646464u, 0x4342u)), sub));
+    }
+  } else if constexpr (D == KvDtype::kInt4) {
+    // Byte i's low nibble u0 -> (1024 + u0) - (1024 + z); its high nibble,
+    // masked in place (16 u1), -> (1024 + 16 u1) / 16 - (64 + z). fp16 of
+    // 1024 + z is 0x6400 + z, of 64 + z is 0x5400 + 16 z.
+    const uint32_t zz = static_cast<uint32_t>(z);
+    const __half2 neg = BitsH2(((0xD400u + 16u * zz) << 16) | (0xE400u + zz));
+    const __half2 mul = BitsH2(0x2C003C00u);  // (1, 1/16)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t x = __byte_perm(w[0], 0u, 0x4040u | (i * 0x0101u));  // byte i at bytes 0, 2
+      const uint32_t m = (x & 0x00F0000Fu) | 0x64006400u;
+      h[i] = H2Bits(__hfma2(BitsH2(m), mul, neg));
+    }
+  } else if constexpr (D == KvDtype::kFp8E4M3) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint16_t lo = static_cast<uint16_t>(w[i] & 0xFFFFu);
+      const uint16_t hi = static_cast<uint16_t>(w[i] >> 16);
+      asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h[2 * i]) : "h"(lo));
+      asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h[2 * i + 1]) : "h"(hi));
+    }
+  } else {
+    static_assert(D == KvDtype::kFp8E5M2);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      h[2 * i] = __byte_perm(w[i], 0u, 0x1404u);
+      h[2 * i + 1] = __byte_perm(w[i], 0u, 0x3424u);
+    }
+  }
 }
 
 template <KvDtype D, KvScaleMode M, int HD>
@@ -129,6 +173,14 @@ __global__ void __launch_bounds__(kPfThreads, 3) PrefillMmaKernel(const PrefillP
 
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's two rows
+  // ldmatrix row addresses of this lane (matrix m = lane / 8, its row lane % 8):
+  // Q: rows +8 for m = 1, 3, dims +8 for m = 2, 3 (a0..a3); K (rows =
+  // positions) and V^T (rows = dims): dims / positions +8 for m = 1, 3 (b0, b1
+  // of one 8-wide tile), rows +8 for m = 2, 3 (the next tile).
+  const int lm = lane >> 3, lr = lane & 7;
+  const int lq_off = (warp * 16 + lr + 8 * (lm & 1)) * kQs + 8 * (lm >> 1);
+  const int lk_off = (lr + 8 * (lm >> 1)) * kQs + 8 * (lm & 1);
+  const int lv_off = (lr + 8 * (lm >> 1)) * kVs + 8 * (lm & 1);
   const bool ok0 = r0 / gs < nt, ok1 = r1 / gs < nt;
   const int pos0 = pos_first + r0 / gs, pos1 = pos_first + r1 / gs;
   // Last position any row of this warp attends to (-1: the warp has no rows).
@@ -185,26 +237,24 @@ __global__ void __launch_bounds__(kPfThreads, 3) PrefillMmaKernel(const PrefillP
     for (int i = 0; i < kCpt; ++i) {
       const int ch = warp + 4 * i;
       if (ch >= kNc) continue;
-      float kx[8], vx[8];
+      // fp16 words are the values already; the other formats through
+      // ChunkToHalves. Zeros past the context.
+      uint32_t kh[4] = {0u, 0u, 0u, 0u}, vh[4] = {0u, 0u, 0u, 0u};
       if (rvalid) {
-        DecodeChunk<D>(rk[i], kx);
-        DecodeChunk<D>(rv[i], vx);
-        if constexpr (kZeroInCodes) {
+        if constexpr (D == KvDtype::kFp16) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) kx[e] -= rzk, vx[e] -= rzv;
+          for (int e = 0; e < 4; ++e) kh[e] = rk[i][e], vh[e] = rv[i][e];
+        } else {
+          ChunkToHalves<D>(rk[i], kZeroInCodes ? __float2int_rn(rzk) : 0, kh);
+          ChunkToHalves<D>(rv[i], kZeroInCodes ? __float2int_rn(rzv) : 0, vh);
         }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) kx[e] = vx[e] = 0.0f;
       }
-      uint4 kh;
-      kh.x = H2Bits(__floats2half2_rn(kx[0], kx[1]));
-      kh.y = H2Bits(__floats2half2_rn(kx[2], kx[3]));
-      kh.z = H2Bits(__floats2half2_rn(kx[4], kx[5]));
-      kh.w = H2Bits(__floats2half2_rn(kx[6], kx[7]));
-      *reinterpret_cast<uint4*>(kc + tt * kQs + ch * 8) = kh;
+      *reinterpret_cast<uint4*>(kc + tt * kQs + ch * 8) = make_uint4(kh[0], kh[1], kh[2], kh[3]);
+      unsigned short* vts = reinterpret_cast<unsigned short*>(vt);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) vt[(ch * 8 + e) * kVs + tt] = __float2half_rn(vx[e]);
+      for (int e = 0; e < 8; ++e) {
+        vts[(ch * 8 + e) * kVs + tt] = static_cast<unsigned short>(vh[e / 2] >> (16 * (e & 1)));
+      }
     }
     if (warp == 0) {
       const bool zin = kZeroInCodes;
@@ -232,18 +282,19 @@ __global__ void __launch_bounds__(kPfThreads, 3) PrefillMmaKernel(const PrefillP
     for (int j = 0; j < 4; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < kKs; ++kk) {
-      const __half* qa = qhi + r0 * kQs + kk * 16 + 2 * c;
-      const __half* qb = qlo + r0 * kQs + kk * 16 + 2 * c;
-      const uint32_t h0 = LdsU32(qa), h1 = LdsU32(qa + 8 * kQs), h2 = LdsU32(qa + 8),
-                     h3 = LdsU32(qa + 8 * kQs + 8);
-      const uint32_t e0 = LdsU32(qb), e1 = LdsU32(qb + 8 * kQs), e2 = LdsU32(qb + 8),
-                     e3 = LdsU32(qb + 8 * kQs + 8);
+      uint32_t qh[4], ql[4];  // A fragments: rows warp*16 + 0..15, dims kk*16 + 0..15
+      Ldsm4(qhi + lq_off + kk * 16, qh);
+      Ldsm4(qlo + lq_off + kk * 16, ql);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const __half* kb = kc + (8 * j + g) * kQs + kk * 16 + 2 * c;
-        const uint32_t b0 = LdsU32(kb), b1 = LdsU32(kb + 8);
-        Mma16816(sc[j], h0, h1, h2, h3, b0, b1);
-        Mma16816(sc[j], e0, e1, e2, e3, b0, b1);
+      for (int jp = 0; jp < 2; ++jp) {  // B fragments of position tiles 2 jp, 2 jp + 1
+        uint32_t kb[4];
+        Ldsm4(kc + lk_off + jp * 16 * kQs + kk * 16, kb);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float(&s)[4] = sc[2 * jp + h];
+          Mma16816(s, qh[0], qh[1], qh[2], qh[3], kb[2 * h], kb[2 * h + 1]);
+          Mma16816(s, ql[0], ql[1], ql[2], ql[3], kb[2 * h], kb[2 * h + 1]);
+        }
       }
     }
     // Scale, zero-point fold, causal mask; the tile's row maxima.
@@ -321,10 +372,14 @@ __global__ void __launch_bounds__(kPfThreads, 3) PrefillMmaKernel(const PrefillP
         ws1 = want;
       }
     }
+    // Rescale the accumulators only when some row's reference or weight
+    // scale moved (rare after the first tiles).
+    if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
 #pragma unroll
-    for (int dn = 0; dn < kDn; ++dn) {
-      o[dn][0] *= f0, o[dn][1] *= f0;
-      o[dn][2] *= f1, o[dn][3] *= f1;
+      for (int dn = 0; dn < kDn; ++dn) {
+        o[dn][0] *= f0, o[dn][1] *= f0;
+        o[dn][2] *= f1, o[dn][3] *= f1;
+      }
     }
     // O += W V over two 16-position k-steps.
 #pragma unroll
@@ -335,11 +390,15 @@ __global__ void __launch_bounds__(kPfThreads, 3) PrefillMmaKernel(const PrefillP
       SplitPair(sc[2 * kp + 1][0] * ws0, sc[2 * kp + 1][1] * ws0, &ah[2], &al[2]);
       SplitPair(sc[2 * kp + 1][2] * ws1, sc[2 * kp + 1][3] * ws1, &ah[3], &al[3]);
 #pragma unroll
-      for (int dn = 0; dn < kDn; ++dn) {
-        const __half* vb = vt + (8 * dn + g) * kVs + 16 * kp + 2 * c;
-        const uint32_t b0 = LdsU32(vb), b1 = LdsU32(vb + 8);
-        Mma16816(o[dn], ah[0], ah[1], ah[2], ah[3], b0, b1);
-        Mma16816(o[dn], al[0], al[1], al[2], al[3], b0, b1);
+      for (int dp = 0; dp < kDn / 2; ++dp) {  // B fragments of dim tiles 2 dp, 2 dp + 1
+        uint32_t vb[4];
+        Ldsm4(vt + lv_off + dp * 16 * kVs + 16 * kp, vb);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float(&od)[4] = o[2 * dp + h];
+          Mma16816(od, ah[0], ah[1], ah[2], ah[3], vb[2 * h], vb[2 * h + 1]);
+          Mma16816(od, al[0], al[1], al[2], al[3], vb[2 * h], vb[2 * h + 1]);
+        }
       }
     }
   }
