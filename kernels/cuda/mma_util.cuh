@@ -32,6 +32,15 @@ __device__ __forceinline__ void Ldsm4(const void* row, uint32_t (&r)[4]) {
                : "r"(a));
 }
 
+// The same, transposed: r[m] holds (rows 2 (l % 4), 2 (l % 4) + 1; column
+// l / 4) of matrix m.
+__device__ __forceinline__ void Ldsm4T(const void* row, uint32_t (&r)[4]) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 __device__ __forceinline__ uint32_t H2Bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 BitsH2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 
