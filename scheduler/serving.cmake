@@ -7,6 +7,7 @@ set(STRATA_SERVER_DIR ${CMAKE_CURRENT_LIST_DIR}/server)
 add_library(strata_serving_core STATIC
   ${STRATA_SERVER_DIR}/serving_engine.cc
   ${STRATA_SERVER_DIR}/request_validation.cc
+  ${STRATA_SERVER_DIR}/stream_writer.cc
   ${STRATA_SERVER_DIR}/text_util.cc)
 target_link_libraries(strata_serving_core PUBLIC strata_engine_loop strata_metrics strata_tokenizer
                       strata_proto_v1_generation absl::synchronization spdlog::spdlog)

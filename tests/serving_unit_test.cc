@@ -1,12 +1,15 @@
 // Serving pieces without a server: UTF-8 validation, stop-string matching
 // over streamed deltas, request validation (field names in messages), chunk
 // merging.
+#include <atomic>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "scheduler/server/generation_service.h"
 #include "scheduler/server/request_validation.h"
+#include "scheduler/server/stream_writer.h"
 #include "scheduler/server/text_util.h"
 #include "tests/test_data.h"
 
@@ -155,4 +158,41 @@ TEST(MergeChunk, ConcatenatesAndKeepsFinishFields) {
 }
 
 }  // namespace
+TEST(StreamWriter, RunsTasksInOrderOnItsOwnThread) {
+  std::vector<int> seen;
+  std::thread::id ran_on;
+  {
+    StreamWriter w;
+    for (int i = 0; i < 1000; ++i) {
+      w.Post([&seen, &ran_on, i] {
+        seen.push_back(i);
+        ran_on = std::this_thread::get_id();
+      });
+    }
+  }  // the destructor runs what is still queued, then joins
+  ASSERT_EQ(seen.size(), 1000u);
+  for (int i = 0; i < 1000; ++i) EXPECT_EQ(seen[i], i);
+  EXPECT_NE(ran_on, std::this_thread::get_id());
+}
+
+TEST(StreamWriter, TasksPostedFromManyThreadsAndFromTasksAllRun) {
+  std::atomic<int> count{0};
+  {
+    StreamWriter w;
+    std::vector<std::thread> posters;
+    for (int t = 0; t < 4; ++t) {
+      posters.emplace_back([&w, &count] {
+        for (int i = 0; i < 250; ++i) {
+          w.Post([&w, &count] {
+            ++count;
+            w.Post([&count] { ++count; });  // a task may post another
+          });
+        }
+      });
+    }
+    for (std::thread& p : posters) p.join();
+  }
+  EXPECT_EQ(count.load(), 2000);
+}
+
 }  // namespace strata::serving

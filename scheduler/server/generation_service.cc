@@ -30,14 +30,21 @@ grpc::ServerUnaryReactor* Answer(grpc::CallbackServerContext* context, const abs
 //
 // One write in flight at a time. State changes and the decision to write or
 // finish happen under the mutex; the gRPC call itself is made outside it
-// (gRPC may run reactions inline). After Finish is issued the reactor is
-// never touched again: gRPC deletes it (OnDone) once Finish completes, while
-// the engine may still hold this sink.
+// (gRPC may run reactions inline). The engine thread's tokens and final
+// answers are written by the service's StreamWriter thread, so a step's
+// hundreds of streams cost the engine a lock and a queue push each; writes
+// that follow a completed write, cancellations and rejections run where they
+// happen. At most one decided action per stream is pending at a time (a
+// decided write keeps the others waiting until it completes), so deferring
+// one keeps their order. After Finish is issued the reactor is never touched
+// again: gRPC deletes it (OnDone) once Finish completes, while the engine may
+// still hold this sink.
 class StreamCall;
 
-class StreamSink final : public GenerationSink {
+class StreamSink final : public GenerationSink, public std::enable_shared_from_this<StreamSink> {
  public:
-  StreamSink(StreamCall* call, ServingEngine* engine) : call_(call), engine_(engine) {}
+  StreamSink(StreamCall* call, ServingEngine* engine, StreamWriter* writer)
+      : call_(call), engine_(engine), writer_(writer) {}
   void set_handle(uint64_t h) { handle_.store(h); }
 
   void OnChunk(v1::GenerateResponse chunk) override {
@@ -52,7 +59,7 @@ class StreamSink final : public GenerationSink {
       }
       a = NextLocked();
     }
-    Do(a);
+    DoFromEngine(a);
   }
   void OnDone(const absl::Status& status, v1::GenerateResponse last) override {
     Action a;
@@ -70,7 +77,7 @@ class StreamSink final : public GenerationSink {
       done_ = true;
       a = NextLocked();
     }
-    Do(a);
+    DoFromEngine(a);
   }
   void WriteDone(bool ok) {
     Action a;
@@ -127,12 +134,20 @@ class StreamSink final : public GenerationSink {
     return Action::kNone;
   }
   void Do(Action a);
+  // OnChunk and OnDone: called by the engine thread (and, before a request
+  // reaches the engine, by a handler), so the gRPC call goes to the writer.
+  void DoFromEngine(Action a) {
+    if (a == Action::kNone) return;
+    if (writer_ == nullptr) return Do(a);
+    writer_->Post([self = shared_from_this(), a] { self->Do(a); });
+  }
   void CancelRequest() {
     if (engine_ != nullptr && handle_.load() != 0) engine_->Cancel(handle_.load());
   }
 
   StreamCall* const call_;
   ServingEngine* const engine_;
+  StreamWriter* const writer_;  // null: write inline
   std::atomic<uint64_t> handle_{0};
   absl::Mutex mu_;
   std::deque<v1::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);
@@ -147,7 +162,8 @@ class StreamSink final : public GenerationSink {
 
 class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  explicit StreamCall(ServingEngine* engine) : sink_(std::make_shared<StreamSink>(this, engine)) {}
+  StreamCall(ServingEngine* engine, StreamWriter* writer)
+      : sink_(std::make_shared<StreamSink>(this, engine, writer)) {}
   const std::shared_ptr<StreamSink>& sink() const { return sink_; }
   void OnWriteDone(bool ok) override { sink_->WriteDone(ok); }
   void OnCancel() override { sink_->Cancelled(); }
@@ -272,7 +288,7 @@ absl::StatusOr<ServingEngine*> GenerationService::Admit(
 grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   absl::StatusOr<ServingEngine*> engine = Admit(context);
-  auto* call = new StreamCall(engine.ok() ? *engine : nullptr);
+  auto* call = new StreamCall(engine.ok() ? *engine : nullptr, &writer_);
   if (!engine.ok()) {
     call->sink()->Reject(ToGrpcStatus(engine.status()));
     return call;

@@ -1,8 +1,8 @@
 // strata.v1.Generation over gRPC's callback API. Handlers authenticate,
 // validate (request_validation.h) and enqueue to the ServingEngine; they never
 // block and never touch the scheduler. Streaming responses are written one
-// at a time; tokens that arrive while a write is in flight are merged into
-// the next message.
+// at a time, by a writer thread for the engine's tokens; tokens that arrive
+// while a write is in flight are merged into the next message.
 #pragma once
 
 #include <atomic>
@@ -15,6 +15,7 @@
 #include "runtime/tokenizer.h"
 #include "scheduler/server/request_validation.h"
 #include "scheduler/server/serving_engine.h"
+#include "scheduler/server/stream_writer.h"
 
 namespace strata::serving {
 
@@ -55,6 +56,10 @@ class GenerationService final : public v1::Generation::CallbackService {
   void CountRejected(const absl::Status& status) const;
 
   const std::optional<std::string> auth_token_;
+  // Runs the streams' StartWrite / Finish for the engine thread. The service,
+  // and with it this thread, must outlive the gRPC server, which waits for
+  // every stream's Finish.
+  StreamWriter writer_;
   std::atomic<ServingEngine*> engine_{nullptr};
   // Written once before engine_ is published (release), read after (acquire).
   const Tokenizer* tokenizer_ = nullptr;
