@@ -19,9 +19,10 @@
 //     decreases, by exact powers of two applied to the accumulators too), so
 //     neither half overflows or loses bits to fp16 subnormals.
 // K and V are staged row-major ([position][dim], fp16) in shared memory with
-// padded rows, so the fragment loads (ldmatrix.x4 for Q and K, its transposing
-// form for V) are free of bank conflicts. The S accumulators of two 8-position tiles are, register for
-// register, the A operand of the P V product (no trip through shared memory).
+// padded rows, so the fragment loads (ldmatrix.x4 for Q and K, its
+// transposing form for V) are free of bank conflicts. The S accumulators of
+// two 8-position tiles are, register for register, the A operand of the P V
+// product (no trip through shared memory).
 // A warp skips the products of a tile that lies wholly after its last row's
 // position.
 #pragma once
@@ -40,7 +41,7 @@ constexpr int kPmKt = 32;  // cached positions per tile
 template <int HD>
 struct PrefillMmaSmem {
   static_assert(HD % 16 == 0);
-  static constexpr int kQStride = HD + 8;     // halves per Q / K row
+  static constexpr int kQStride = HD + 8;     // halves per Q / K / V row
   static constexpr int kQHi = 0;              // byte offsets
   static constexpr int kQLo = kQHi + kPfRows * kQStride * 2;
   static constexpr int kK = kQLo + kPfRows * kQStride * 2;
@@ -182,8 +183,8 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
   const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's two rows
   // ldmatrix row addresses of this lane (matrix m = lane / 8, its row lane % 8):
   // Q: rows +8 for m = 1, 3, dims +8 for m = 2, 3 (a0..a3); K (rows =
-  // positions) and V^T (rows = dims): dims / positions +8 for m = 1, 3 (b0, b1
-  // of one 8-wide tile), rows +8 for m = 2, 3 (the next tile).
+  // positions): dims +8 for m = 1, 3 (b0, b1 of one 8-position tile),
+  // positions +8 for m = 2, 3 (the next tile).
   const int lm = lane >> 3, lr = lane & 7;
   const int lq_off = (warp * 16 + lr + 8 * (lm & 1)) * kQs + 8 * (lm >> 1);
   const int lk_off = (lr + 8 * (lm >> 1)) * kQs + 8 * (lm & 1);
@@ -238,9 +239,9 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
       vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &rsv, &rzv);
     }
   };
-  // Decodes the loaded words of tile k0 into shared memory (zeros past the
-  // context: stale bytes could be NaN or Inf).
-  auto store_raw = [&](int k0) {
+  // Writes the loaded words of the tile as fp16 into shared memory (zeros
+  // past the context: stale bytes could be NaN or Inf).
+  auto store_raw = [&]() {
     const int tt = lane;
 #pragma unroll
     for (int i = 0; i < kCpt; ++i) {
@@ -276,7 +277,7 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
     if constexpr (kFold) {
       if (k0 == 0) qs0 = qsum[r0], qs1 = qsum[r1];
     }
-    store_raw(k0);
+    store_raw();
     if (k0 + kPmKt < kv_end) load_raw(k0 + kPmKt);  // in flight during this tile's products
     __syncthreads();
     if (k0 > warp_last) continue;  // warp-uniform: the tile is after all of its rows
