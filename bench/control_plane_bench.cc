@@ -122,6 +122,9 @@ int Run(const Config& cfg) {
     o.engine.dummy_shape = cfg.shape;
     o.engine.dummy_seed = 1;
     o.engine.block_size = block_size;
+    // The setup step prefills batch x context tokens at once (minutes on a
+    // small CPU at long contexts); the decode steps measured are short.
+    o.engine.step_timeout = absl::Minutes(30);
     o.num_kv_blocks = blocks;
     o.num_swap_blocks = 0;
     o.threads_per_worker = cfg.threads;

@@ -5,11 +5,14 @@
 
 #include <chrono>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "proto/worker.grpc.pb.h"
@@ -290,7 +293,45 @@ class WorkerSession::Impl {
     v1::WorkerMessage reply;
     absl::Status fatal;
     bool wrote = stream->Write(hello);
-    while (wrote && stream->Read(&msg)) {
+    // The scheduler's messages are read by their own thread, so that a Read
+    // is pending on the stream while a long Init (loading weights) or Step
+    // runs on this one: a synchronous stream is only polled inside its calls,
+    // and without that the connection would not answer the scheduler's
+    // keepalive pings, which then drops a busy worker as lost. One reader
+    // and one writer may use a stream at the same time.
+    struct Inbox {
+      absl::Mutex mu;
+      std::deque<v1::SchedulerMessage> queue;
+      bool closed = false;
+      bool Ready() const { return !queue.empty() || closed; }
+    } inbox;
+    std::thread reader;
+    if (wrote) {
+      reader = std::thread([&] {
+        v1::SchedulerMessage m;
+        while (stream->Read(&m)) {
+          absl::MutexLock lock(&inbox.mu);
+          inbox.queue.push_back(std::move(m));
+        }
+        absl::MutexLock lock(&inbox.mu);
+        inbox.closed = true;
+      });
+    }
+    // Stops the reader: `cancel` for an abnormal end (its Read returns at
+    // once); otherwise it ends when the scheduler closes the stream.
+    auto stop_reader = [&](bool cancel) {
+      if (cancel) ctx.TryCancel();
+      if (reader.joinable()) reader.join();
+    };
+    auto next = [&](v1::SchedulerMessage* out) {
+      absl::MutexLock lock(&inbox.mu);
+      inbox.mu.Await(absl::Condition(&inbox, &Inbox::Ready));
+      if (inbox.queue.empty()) return false;  // the stream ended
+      *out = std::move(inbox.queue.front());
+      inbox.queue.pop_front();
+      return true;
+    };
+    while (wrote && next(&msg)) {
       const auto t0 = std::chrono::steady_clock::now();
       reply.Clear();
       switch (msg.kind_case()) {
@@ -318,6 +359,7 @@ class WorkerSession::Impl {
         case v1::SchedulerMessage::kShutdown:
           spdlog::info("rank {}: shutdown requested ({})", o_.rank, msg.shutdown().reason());
           stream->WritesDone();
+          stop_reader(/*cancel=*/false);  // the scheduler closes the stream
           (void)stream->Finish();
           return absl::OkStatus();
         default:
@@ -328,10 +370,14 @@ class WorkerSession::Impl {
       if (!fatal.ok()) break;
     }
     if (!fatal.ok()) {
-      ctx.TryCancel();
+      stop_reader(/*cancel=*/true);
       (void)stream->Finish();
       return fatal;
     }
+    // The stream ended (or a write failed on a closed stream): the reader's
+    // Read returns by itself; no cancel, which would hide the scheduler's
+    // status (UNAUTHENTICATED for a wrong secret).
+    stop_reader(/*cancel=*/false);
     const grpc::Status st = stream->Finish();
     if (st.error_code() == grpc::StatusCode::UNAUTHENTICATED) return FromGrpcStatus(st);
     return absl::UnavailableError(absl::StrCat("the scheduler closed the control stream: ",
