@@ -11,18 +11,17 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "proto/strata_v1_generation.grpc.pb.h"
+#include "tests/serving_rpc_helpers.h"
 #include "tests/serving_test_util.h"
 #include "tests/test_data.h"
 
 namespace strata {
 namespace {
 
+using testing::FromIds;
+using testing::In;
 using testing::LoopbackChannel;
 using testing::ServerProcess;
-
-std::chrono::system_clock::time_point In(std::chrono::milliseconds d) {
-  return std::chrono::system_clock::now() + d;
-}
 
 struct StreamResult {
   grpc::Status status;
@@ -89,13 +88,6 @@ class ServingE2ETest : public ::testing::Test {
       info = Info();
     }
     return info;
-  }
-  static v1::GenerateRequest FromIds(const std::vector<int32_t>& ids, int max_tokens) {
-    v1::GenerateRequest r;
-    r.mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
-    r.mutable_sampling()->set_max_tokens(max_tokens);
-    r.mutable_sampling()->set_ignore_eos(true);
-    return r;
   }
   static const nlohmann::json& Case(const std::string& id) {
     for (const auto& c : (*golden_)["cases"]) {
