@@ -280,6 +280,13 @@ AttentionArgs ArgsFor(const Caches& c, const Step& st, int num_heads, float soft
   return a;
 }
 
+// The CPU kernel's attention over a built step (the reference).
+std::vector<float> CpuAttention(const Caches& c, const Step& st, int num_heads, float softmax_scale) {
+  std::vector<float> out(st.q.size());
+  cpu::PagedAttention(c.host, st.host_batch, st.q.data(), num_heads, softmax_scale, out.data());
+  return out;
+}
+
 // Max relative L2 error per (token, head) over the sequences' tokens.
 double CompareAttention(const Step& st, const std::vector<float>& got, const std::vector<float>& want,
                         int num_heads, int hd, std::string* where) {
@@ -413,8 +420,7 @@ TEST_P(CudaKvTest, DecodeMatchesCpu) {
   Step st;
   BuildStep(c, seqs, 0, heads, rng, st);
   const float scale = 1.0f / std::sqrt(float(hd));
-  std::vector<float> want(st.q.size());
-  cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, scale, want.data());
+  const std::vector<float> want = CpuAttention(c, st, heads, scale);
 
   AttentionArgs a = ArgsFor(c, st, heads, scale);
   int dev = 0, sms = 0;
@@ -448,8 +454,7 @@ TEST_P(CudaKvTest, PrefillMatchesCpu) {
   Step st;
   BuildStep(c, seqs, 2, heads, rng, st);
   const float scale = 1.0f / std::sqrt(float(hd));
-  std::vector<float> want(st.q.size());
-  cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, scale, want.data());
+  const std::vector<float> want = CpuAttention(c, st, heads, scale);
   AttentionArgs a = ArgsFor(c, st, heads, scale);
   ASSERT_CUDA(PagedPrefillAttention(a, st.max_new, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
@@ -481,8 +486,7 @@ TEST(CudaKvExtra, OddGqaRatiosAndLongDecode) {
       Caches c(f, bs, kv_heads, hd, BlocksNeeded(seqs, bs), 4.0f, rng);
       Step st;
       BuildStep(c, seqs, 0, heads, rng, st);
-      std::vector<float> want(st.q.size());
-      cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, 0.1f, want.data());
+      const std::vector<float> want = CpuAttention(c, st, heads, 0.1f);
       AttentionArgs a = ArgsFor(c, st, heads, 0.1f);
       const DecodePlan plan = PlanDecode(c.dev, 2, heads, st.max_ctx, 132);
       DeviceBuf<uint8_t> ws(plan.workspace_bytes);
@@ -519,8 +523,7 @@ TEST(CudaKvExtra, MixedStepSplitsOneTokenSequencesToTheDecodeKernel) {
     Caches c(f, bs, kv_heads, hd, BlocksNeeded(seqs, bs), 4.0f, rng);
     Step st;
     BuildStep(c, seqs, 0, heads, rng, st);
-    std::vector<float> want(st.q.size());
-    cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, 0.09f, want.data());
+    const std::vector<float> want = CpuAttention(c, st, heads, 0.09f);
     AttentionArgs a = ArgsFor(c, st, heads, 0.09f);
     a.skip_single_token = true;
     ASSERT_CUDA(PagedPrefillAttention(a, st.max_new, nullptr));
@@ -575,8 +578,7 @@ TEST(CudaKvExtra, SmallBlocksUseTheCudaCoreDecodeKernel) {
       Caches c(f, bs, kv_heads, hd, BlocksNeeded(seqs, bs), 4.0f, rng);
       Step st;
       BuildStep(c, seqs, 0, heads, rng, st);
-      std::vector<float> want(st.q.size());
-      cpu::PagedAttention(c.host, st.host_batch, st.q.data(), heads, 0.125f, want.data());
+      const std::vector<float> want = CpuAttention(c, st, heads, 0.125f);
       AttentionArgs a = ArgsFor(c, st, heads, 0.125f);
       const DecodePlan plan = PlanDecodeWithPartition(c.dev, 3, heads, st.max_ctx, 512);
       DeviceBuf<uint8_t> ws(plan.workspace_bytes);
