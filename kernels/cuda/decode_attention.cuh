@@ -427,7 +427,7 @@ cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
       using Smem = MmaSmem<MmaCfg<D, M, HD>, G, HD>;
       // 4 thread blocks per SM (the launch bounds) at the largest partition.
       // A partition starts at a block boundary: it spans partition / block_size blocks.
-      static_assert(STRATA_MMA_INFLIGHT != 8192 || Smem::Bytes(kMaxPartitionMma / 16) <= 56 * 1024);
+      static_assert(Smem::Bytes(kMaxPartitionMma / 16) <= 56 * 1024);
       const int smem = Smem::Bytes(p.partition >> p.log2_bs);
       static KernelAttrCache attrs;
       auto kernel = DecodeMmaKernel<D, M, HD, G>;

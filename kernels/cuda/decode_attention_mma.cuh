@@ -79,14 +79,6 @@
 #define STRATA_MMA_TILE_PAIRS 1
 #endif
 
-// Bytes each warp keeps in flight while it computes a tile (compile-time
-// switch for experiments; above 8192 the thread blocks outgrow 4 per SM and
-// the shared-memory check of the launcher is skipped). 12288 on an H100: no
-// faster at 4K context, 10-20% slower at 512, so 8192 stays.
-#ifndef STRATA_MMA_INFLIGHT
-#define STRATA_MMA_INFLIGHT 8192
-#endif
-
 namespace strata::cuda::detail {
 
 constexpr int kMmaThreads = 128;
@@ -125,14 +117,15 @@ struct MmaCfg {
   static constexpr int kSlotBytes = 2 * kTileBytes + kMetaBytes;
   // Slots per warp: ~8 KB per warp stays in flight while one tile is computed
   // (the previous kernel, with <= 8 KB in registers and none while computing,
-  // was latency-bound).
+  // was latency-bound; 12 KB, at 3 thread blocks per SM, measured on an H100:
+  // no faster at 4K context, 10-20% slower at 512).
   // Tile pairs (STRATA_MMA_TILE_PAIRS): two slots are read per iteration, so
   // one more slot keeps the same bytes in flight (int4, head_dim 128: 6 slots).
   static constexpr bool kPairs =
       STRATA_MMA_TILE_PAIRS && kDynamic && D == KvDtype::kInt4;
   static constexpr int kStages =
-      kPairs ? ClampInt(2 + (STRATA_MMA_INFLIGHT + kSlotBytes - 1) / kSlotBytes, 3, 10)
-             : ClampInt(1 + (STRATA_MMA_INFLIGHT + kSlotBytes - 1) / kSlotBytes, 2, 8);
+      kPairs ? ClampInt(2 + (8192 + kSlotBytes - 1) / kSlotBytes, 3, 10)
+             : ClampInt(1 + (8192 + kSlotBytes - 1) / kSlotBytes, 2, 8);
   // 128-byte rows (head_dim 128, 8-bit): 16-byte chunk c of row r is stored at
   // c ^ Swz(r), which makes both the K-pass reads (rows g, chunks 2c, 2c+1)
   // and the V-pass reads (rows 4c+i, chunk g) free of bank conflicts. Other

@@ -60,7 +60,8 @@ struct PrefillSmem {
 
 // Chunk `ch` (8 dims) of position `pos`'s K and V rows for the kv head whose
 // rows start at `head_row` in each block: raw values (DecodeChunk) and the
-// rows' scales and zero points. Both prefill kernels stage their tiles with it.
+// rows' scales and zero points. The CUDA-core kernel stages its tiles with it
+// (the tensor-core one prefetches raw words and converts them to fp16 itself).
 template <KvDtype D, KvScaleMode M, int HD>
 __device__ __forceinline__ void ReadKvChunk(const PrefillParams& p, const int32_t* table,
                                             uint32_t head_row, int bs_mask, int pos, int ch,
