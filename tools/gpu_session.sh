@@ -13,7 +13,7 @@
 #         kernels  KV-cache kernel tests vs the CPU reference + decode-attention sweep
 #         engine   fused-op tests, the engine's golden test, decode step benchmark
 #         serve    `strata serve --device cuda` end to end (tests/serving_gpu_test.cc;
-#                  STRATA_GPU_TP picks the tp sizes, default "1 2 4" up to the GPUs)
+#                  STRATA_GPU_TP picks the tp sizes, default "1 2 3" up to the GPUs)
 #         tp       NCCL collectives tests, then the tensor-parallel decode step
 #                  time (bench/tp_decode_bench.cc)
 #         sbench   the serving benchmark against `strata serve` (SBENCH_* in sbench())
