@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
   std::string kvs_s = "fp16,int8,fp8_e4m3,int4", markdown;
   int iters = 20, warmup = 3;
   double util = 0.9;
-  app.add_option("--model", model, "named shape (NamedModelShape) or a config.json path");
+  app.add_option("--model", model, "named shape or a config.json path (NamedModelShape)");
   app.add_option("--dtype", dtype, "weight dtype: fp16 or bf16");
   app.add_option("--batches", batches_s);
   app.add_option("--contexts", ctxs_s);
@@ -104,9 +104,7 @@ int main(int argc, char** argv) {
   for (auto s : absl::StrSplit(batches_s, ',')) batches.push_back(std::stoi(std::string(s)));
   for (auto s : absl::StrSplit(ctxs_s, ',')) ctxs.push_back(std::stoi(std::string(s)));
 
-  absl::StatusOr<ModelConfig> shape = model.find('/') != std::string::npos || model.ends_with(".json")
-                                          ? LoadHfConfig(model)
-                                          : NamedModelShape(model);
+  absl::StatusOr<ModelConfig> shape = NamedModelShape(model);
   BENCH_CHECK(shape.status());
   cudaDeviceProp prop;
   BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));

@@ -145,6 +145,11 @@ absl::Status ValidateModelConfig(const ModelConfig& c, const std::string& source
 }
 
 absl::StatusOr<ModelConfig> NamedModelShape(const std::string& shape) {
+  if (shape.ends_with(".json")) {
+    ASSIGN_OR_RETURN(ModelConfig c, LoadHfConfig(shape));
+    RETURN_IF_ERROR(ValidateModelConfig(c, shape));
+    return c;
+  }
   // "NAME" or "NAME:CONTEXT" (a longer max_position_embeddings, e.g. for
   // long-context benchmarks on random weights).
   std::string name = shape;

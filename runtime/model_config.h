@@ -43,8 +43,9 @@ absl::StatusOr<ModelConfig> LoadHfConfig(const std::string& path);
 // divisibility). Errors name `source`.
 absl::Status ValidateModelConfig(const ModelConfig& config, const std::string& source);
 
-// Named shapes for --load-format dummy: llama-2-7b, llama-2-13b, llama-2-70b,
+// Shapes for --load-format dummy: llama-2-7b, llama-2-13b, llama-2-70b,
 // llama-3-8b, stories15m; "NAME:CONTEXT" overrides max_position_embeddings.
+// A path ending in ".json" is read as a config.json (LoadHfConfig, validated).
 absl::StatusOr<ModelConfig> NamedModelShape(const std::string& shape);
 
 }  // namespace strata

@@ -336,5 +336,23 @@ TEST(NamedShapes, KnownAndUnknown) {
   EXPECT_FALSE(NamedModelShape("llama-2-7b:0").ok());
 }
 
+TEST(NamedShapes, ConfigJsonPath) {
+  TempDir dir;
+  WriteFile(dir.file("shape.json"), TinyConfig().dump());
+  auto c = NamedModelShape(dir.file("shape.json"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->hidden_size, TinyConfig()["hidden_size"].get<int>());
+  EXPECT_EQ(c->num_layers, TinyConfig()["num_hidden_layers"].get<int>());
+  auto missing = NamedModelShape(dir.file("none.json"));
+  ASSERT_FALSE(missing.ok());
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("none.json"));
+  nlohmann::json bad = TinyConfig();
+  bad["num_attention_heads"] = 3;  // does not divide hidden_size
+  WriteFile(dir.file("bad.json"), bad.dump());
+  auto invalid = NamedModelShape(dir.file("bad.json"));
+  ASSERT_FALSE(invalid.ok());
+  EXPECT_THAT(std::string(invalid.status().message()), HasSubstr("bad.json"));
+}
+
 }  // namespace
 }  // namespace strata
