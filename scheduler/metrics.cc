@@ -1,5 +1,6 @@
 #include "scheduler/metrics.h"
 
+#include <algorithm>
 #include <exception>
 
 #include "absl/strings/str_cat.h"
@@ -101,6 +102,15 @@ void ServingMetrics::Declare(const ModelInfoLabels& info) {
                    .Help("Finished requests by outcome (finish reason or status code)").Register(r);
   worker_step_ = &BuildHistogram().Name("strata_worker_step_duration_seconds")
                       .Help("Forward pass of one step on one tensor-parallel rank").Register(r);
+  auto& phases = BuildCounter().Name("strata_step_phase_seconds_total")
+                     .Help("Engine step time by phase, with tensor-parallel workers: scheduler (planning, "
+                           "results, token delivery), control_plane (messages to and from the slowest "
+                           "rank), worker (its handling around the forward pass), forward")
+                     .Register(r);
+  phase_scheduler_ = &phases.Add({{"phase", "scheduler"}});
+  phase_control_plane_ = &phases.Add({{"phase", "control_plane"}});
+  phase_worker_ = &phases.Add({{"phase", "worker"}});
+  phase_forward_ = &phases.Add({{"phase", "forward"}});
   worker_memory_ = &BuildGauge().Name("strata_worker_device_memory_bytes")
                         .Help("Memory of one rank by use (device memory for cuda ranks)").Register(r);
   worker_up_ = &BuildGauge().Name("strata_worker_up")
@@ -117,6 +127,13 @@ void ServingMetrics::SetWorkerMemory(int rank, const std::string& kind, int64_t 
 
 void ServingMetrics::OnWorkerStep(int rank, double forward_seconds) {
   worker_step_->Add({{"rank", std::to_string(rank)}}, StepBuckets()).Observe(forward_seconds);
+}
+
+void ServingMetrics::OnRemoteStep(double wall_seconds, double worker_seconds, double forward_seconds) {
+  phase_control_plane_->Increment(std::max(0.0, wall_seconds - worker_seconds));
+  phase_worker_->Increment(std::max(0.0, worker_seconds - forward_seconds));
+  phase_forward_->Increment(std::max(0.0, forward_seconds));
+  remote_wall_ = wall_seconds;
 }
 
 void ServingMetrics::SetPoolSizes(int32_t gpu_blocks, int32_t cpu_blocks, int64_t bytes_per_block) {
@@ -149,6 +166,10 @@ void ServingMetrics::OnStep(const SchedulerStats& s, double step_seconds, int64_
   steps_->Increment();
   step_->Observe(step_seconds);
   if (in_process_worker_) OnWorkerStep(0, step_seconds);
+  if (remote_wall_ >= 0) {
+    phase_scheduler_->Increment(std::max(0.0, step_seconds - remote_wall_));
+    remote_wall_ = -1;
+  }
 }
 
 void ServingMetrics::OnFirstToken(double seconds) { ttft_->Observe(seconds); }

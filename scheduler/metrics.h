@@ -54,6 +54,12 @@ class ServingMetrics {
   // kind: weights, kv_cache, activations, swap, free, total.
   void SetWorkerMemory(int rank, const std::string& kind, int64_t bytes);
   void OnWorkerStep(int rank, double forward_seconds);
+  // Tensor-parallel workers: where one step's time went (seconds; the slowest
+  // rank's). wall = the scheduler's call to the workers, worker = step message
+  // in -> reply out on the rank, forward = the rank's engine step. Call on the
+  // engine thread before that step's OnStep, which adds the scheduler's own
+  // part (step - wall) to strata_step_phase_seconds_total.
+  void OnRemoteStep(double wall_seconds, double worker_seconds, double forward_seconds);
   // In-process engine: every OnStep also counts as rank 0's forward pass.
   void set_in_process_worker(bool on) { in_process_worker_ = on; }
 
@@ -94,6 +100,11 @@ class ServingMetrics {
   prometheus::Family<prometheus::Histogram>* worker_step_ = nullptr;
   prometheus::Family<prometheus::Gauge>* worker_memory_ = nullptr;
   prometheus::Family<prometheus::Gauge>* worker_up_ = nullptr;
+  prometheus::Counter* phase_scheduler_ = nullptr;
+  prometheus::Counter* phase_control_plane_ = nullptr;
+  prometheus::Counter* phase_worker_ = nullptr;
+  prometheus::Counter* phase_forward_ = nullptr;
+  double remote_wall_ = -1;  // OnRemoteStep -> OnStep, engine thread only
   bool in_process_worker_ = false;
   SchedulerStats last_;  // for counter deltas
 };

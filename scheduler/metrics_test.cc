@@ -63,6 +63,20 @@ TEST(ServingMetrics, WorkerSeriesPerRank) {
   EXPECT_THAT(text, HasSubstr("strata_worker_step_duration_seconds_count{rank=\"0\"} 3"));
 }
 
+TEST(ServingMetrics, StepPhasesWithWorkers) {
+  auto m = ServingMetrics::Create("", {"llama-2-7b", 2, "int8", "dynamic", 16, "cuda"});
+  ASSERT_TRUE(m.ok()) << m.status();
+  SchedulerStats s;
+  (*m)->OnRemoteStep(/*wall=*/0.75, /*worker=*/0.5, /*forward=*/0.25);
+  (*m)->OnStep(s, 1.0, 0, 0);
+  (*m)->OnStep(s, 2.0, 0, 0);  // no remote call in this step: no scheduler share either
+  const std::string text = (*m)->Serialize();
+  EXPECT_THAT(text, HasSubstr("strata_step_phase_seconds_total{phase=\"scheduler\"} 0.25"));
+  EXPECT_THAT(text, HasSubstr("strata_step_phase_seconds_total{phase=\"control_plane\"} 0.25"));
+  EXPECT_THAT(text, HasSubstr("strata_step_phase_seconds_total{phase=\"worker\"} 0.25"));
+  EXPECT_THAT(text, HasSubstr("strata_step_phase_seconds_total{phase=\"forward\"} 0.25"));
+}
+
 TEST(ServingMetrics, BadListenAddressIsAnError) {
   auto m = ServingMetrics::Create("256.1.1.1:99999", {});
   EXPECT_FALSE(m.ok());

@@ -278,12 +278,16 @@ absl::Status RemoteEngine::Step(const StepInput& input, StepOutput* output) {
   }
   const int64_t wall_us =
       std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
-  absl::MutexLock lock(&mu_);
-  last_ = {1, wall_us, worker_us, engine_us};
-  total_.steps += 1;
-  total_.wall_us += wall_us;
-  total_.worker_us += worker_us;
-  total_.engine_us += engine_us;
+  const RemoteStepTimings step{1, wall_us, worker_us, engine_us};
+  {
+    absl::MutexLock lock(&mu_);
+    last_ = step;
+    total_.steps += 1;
+    total_.wall_us += wall_us;
+    total_.worker_us += worker_us;
+    total_.engine_us += engine_us;
+  }
+  if (step_observer_) step_observer_(step);
   return absl::OkStatus();
 }
 

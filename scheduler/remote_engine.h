@@ -108,6 +108,10 @@ class RemoteEngine final : public Engine {
   // times (microseconds): step message in -> reply out, and the forward pass.
   using RankStepObserver = std::function<void(int rank, int64_t worker_us, int64_t engine_us)>;
   void set_rank_step_observer(RankStepObserver observer) { rank_observer_ = std::move(observer); }
+  // Called on the engine thread after every successful step with its timings
+  // (steps = 1), after the rank observer.
+  using StepObserver = std::function<void(const RemoteStepTimings& step)>;
+  void set_step_observer(StepObserver observer) { step_observer_ = std::move(observer); }
   // Sends Shutdown to every worker and closes the streams. Idempotent.
   void Shutdown(const std::string& reason);
 
@@ -127,6 +131,7 @@ class RemoteEngine final : public Engine {
   int64_t kv_bytes_per_block_ = 0;
   std::vector<RankMemory> memory_;
   RankStepObserver rank_observer_;
+  StepObserver step_observer_;
   std::vector<int64_t> rank_us_;  // this step: (worker_us, engine_us) per rank
   absl::Duration step_timeout_;
   int64_t next_step_id_ = 1;

@@ -261,6 +261,10 @@ int RunServe(const ServeOptions& o) {
     remote->set_rank_step_observer([m](int rank, int64_t /*worker_us*/, int64_t engine_us) {
       m->OnWorkerStep(rank, static_cast<double>(engine_us) * 1e-6);
     });
+    remote->set_step_observer([m](const RemoteStepTimings& t) {
+      m->OnRemoteStep(static_cast<double>(t.wall_us) * 1e-6, static_cast<double>(t.worker_us) * 1e-6,
+                      static_cast<double>(t.engine_us) * 1e-6);
+    });
   } else {
     m->set_in_process_worker(true);
     m->SetWorkerUp(0, true);
