@@ -1,5 +1,6 @@
 #include "scheduler/engine_loop.h"
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/status_macros.h"
 
@@ -134,20 +135,18 @@ absl::Status EngineLoop::Step() {
   }
   ASSIGN_OR_RETURN(std::vector<FinishedSeq> finished, scheduler_->OnStepResult(result));
   if (callbacks_.on_token) {
+    // Tokens of finished sequences that hit a stop token are not emitted.
+    absl::flat_hash_set<SeqId> stopped;
+    for (const FinishedSeq& f : finished) {
+      if (f.reason == FinishReason::kStop) stopped.insert(f.seq_id);
+    }
     for (size_t k = 0; k < result.sampled.size(); ++k) {
       const SampledToken& t = result.sampled[k];
-      // Tokens of finished sequences that hit a stop token are not emitted.
-      bool stopped = false;
-      for (const FinishedSeq& f : finished) {
-        if (f.seq_id == t.seq_id && f.reason == FinishReason::kStop) stopped = true;
-      }
-      if (!stopped) {
-        const auto it = std::find_if(plan.seqs.begin(), plan.seqs.end(),
-                                     [&](const ScheduledSeq& s) { return s.seq_id == t.seq_id; });
-        const StepOutput::Sampled* sampled =
-            engine_->SupportsSampling() ? &output_.sampled[sampled_index_[k]] : nullptr;
-        callbacks_.on_token(it->request_id, t.token, sampled);
-      }
+      if (stopped.contains(t.seq_id)) continue;
+      const ScheduledSeq& s = plan.seqs[sampled_index_[k]];  // row k came from this sequence
+      const StepOutput::Sampled* sampled =
+          engine_->SupportsSampling() ? &output_.sampled[sampled_index_[k]] : nullptr;
+      callbacks_.on_token(s.request_id, t.token, sampled);
     }
   }
   for (const FinishedSeq& f : finished) {

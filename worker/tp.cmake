@@ -44,9 +44,9 @@ if(STRATA_HAVE_CUDA AND NCCL_LIBRARY)
   target_link_libraries(strata_worker_rpc_cuda PUBLIC ${STRATA_WORKER_RPC_DEPS} strata_cuda_engine
                         strata_collectives_nccl)
   target_compile_definitions(strata_worker_rpc_cuda PRIVATE STRATA_HAVE_CUDA=1)
-  target_link_libraries(strata-worker PRIVATE strata_worker_rpc_cuda CLI11::CLI11 spdlog::spdlog)
+  target_link_libraries(strata-worker PRIVATE strata_worker_rpc_cuda CLI11::CLI11 spdlog::spdlog absl::synchronization)
 else()
-  target_link_libraries(strata-worker PRIVATE strata_worker_rpc CLI11::CLI11 spdlog::spdlog)
+  target_link_libraries(strata-worker PRIVATE strata_worker_rpc CLI11::CLI11 spdlog::spdlog absl::synchronization)
 endif()
 
 strata_cc_test(worker_collectives_test
