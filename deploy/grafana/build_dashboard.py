@@ -180,6 +180,13 @@ def build():
                      f"(rate(strata_worker_step_duration_seconds_bucket[{RI}]) {JOIN}))",
                      f"rank {{{{rank}}}} {n}") for q, n in [("0.5", "p50"), ("0.95", "p95")]],
                    minimum=0),
+        timeseries("Step time by phase", "Mean time per engine step in each phase, with worker "
+                   "processes: scheduler (planning, results, token delivery), control_plane "
+                   "(messages to and from the slowest rank), worker (its handling around the "
+                   "forward pass), forward", "s",
+                   [(f"sum by (phase) (rate(strata_step_phase_seconds_total[{RI}]) {JOIN}) / "
+                     f"ignoring (phase) group_left clamp_min(sum(rate(strata_steps_total[{RI}]) "
+                     f"{JOIN}), 1e-9)", "{{phase}}")], stack=True, minimum=0),
         timeseries("Worker memory", "Memory per rank by use (device memory on GPU ranks; "
                    "KV and swap pools on CPU ranks)", "bytes",
                    [(f"sum by (rank, kind) (strata_worker_device_memory_bytes {JOIN})",
