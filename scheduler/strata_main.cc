@@ -186,6 +186,9 @@ int main(int argc, char** argv) {
                   "File with the shared secret workers present (--external-workers)");
   srv->add_option("--worker-ready-timeout", e.worker_ready_timeout_s,
                   "Seconds to wait for the workers to load the model")->capture_default_str();
+  srv->add_option("--worker-step-timeout", e.worker_step_timeout_s,
+                  "Seconds one engine step may take on the workers before the group counts as hung")
+      ->capture_default_str();
   srv->add_option("--device", e.device, "cpu or cuda (cuda: --tp strata-worker processes, GPU r for rank r)")
       ->capture_default_str();
   srv->add_option("--load-format", e.load_format,

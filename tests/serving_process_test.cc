@@ -157,6 +157,11 @@ TEST(ServingProcessTest, RefusesUnsupportedFlags) {
                              std::chrono::seconds(120));
   EXPECT_EQ(tp.exit_code, 2);
   EXPECT_NE(tp.err.find("INVALID_ARGUMENT: --tp must be >= 1"), std::string::npos) << tp.err;
+  const auto step = RunCommand({testing::StrataCli(), "serve", "--port", "0", "--tp", "2", "--worker-step-timeout", "0"},
+                               std::chrono::seconds(120));
+  EXPECT_EQ(step.exit_code, 2);
+  EXPECT_NE(step.err.find("--worker-step-timeout and --worker-ready-timeout must be > 0"), std::string::npos)
+      << step.err;
   // No GPU here (CI): the worker says why, the server exits 2 (on a GPU
   // machine this starts; tests/serving_gpu_test.cc covers it there).
   if (testing::RunCommand({"/bin/sh", "-c", "nvidia-smi -L"}, std::chrono::seconds(30)).exit_code != 0) {

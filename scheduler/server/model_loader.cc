@@ -106,6 +106,11 @@ absl::Status ValidateEngineConfig(const EngineConfig& c) {
   if (c.max_model_len < 0) {
     return absl::InvalidArgumentError(absl::StrCat("--max-model-len must be >= 0, got ", c.max_model_len));
   }
+  if (!(c.worker_step_timeout_s > 0.0) || !(c.worker_ready_timeout_s > 0.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--worker-step-timeout and --worker-ready-timeout must be > 0 "
+                                                   "seconds, got ", c.worker_step_timeout_s, " and ",
+                                                   c.worker_ready_timeout_s));
+  }
   return absl::OkStatus();
 }
 
@@ -147,6 +152,7 @@ absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedM
   wo.listen_address = c.control_plane_address;
   if (!c.external_workers) wo.worker_binary = FindWorkerBinary(c.worker_binary);
   RemoteEngineOptions& e = wo.engine;
+  e.step_timeout = absl::Milliseconds(static_cast<int64_t>(c.worker_step_timeout_s * 1000));
   e.world_size = c.tp;
   if (dummy) {
     e.load_format = "dummy";

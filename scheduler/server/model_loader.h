@@ -68,6 +68,9 @@ struct EngineConfig {
   std::string control_plane_secret_file;
   std::string worker_binary;      // "" = strata-worker next to this binary, ../worker/, $PATH
   double worker_ready_timeout_s = 600;
+  // One step on the workers may take this long before the group counts as
+  // hung (a large model on CPU workers, or a long prefill, needs more).
+  double worker_step_timeout_s = 60;
 };
 
 struct LoadedModel {
