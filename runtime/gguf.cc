@@ -59,18 +59,18 @@ absl::Status ReadScalar(Cursor& c, VT type, GgufValue* v, const std::string& key
                         const std::string& source) {
   const char* what = "a metadata value";
   switch (type) {
-    case VT::kUint8: { uint8_t x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
-    case VT::kInt8: { int8_t x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
-    case VT::kUint16: { uint16_t x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
-    case VT::kInt16: { int16_t x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
-    case VT::kUint32: { uint32_t x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
-    case VT::kInt32: { int32_t x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
-    case VT::kUint64: { uint64_t x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = x; break; }
-    case VT::kInt64: { int64_t x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = x; break; }
-    case VT::kFloat32: { float x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = double{x}; break; }
-    case VT::kFloat64: { double x; RETURN_IF_ERROR(c.Read(&x, what)); v->value = x; break; }
+    case VT::kUint8: { uint8_t x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
+    case VT::kInt8: { int8_t x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
+    case VT::kUint16: { uint16_t x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
+    case VT::kInt16: { int16_t x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
+    case VT::kUint32: { uint32_t x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
+    case VT::kInt32: { int32_t x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = int64_t{x}; break; }
+    case VT::kUint64: { uint64_t x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = x; break; }
+    case VT::kInt64: { int64_t x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = x; break; }
+    case VT::kFloat32: { float x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = double{x}; break; }
+    case VT::kFloat64: { double x = 0; RETURN_IF_ERROR(c.Read(&x, what)); v->value = x; break; }
     case VT::kBool: {
-      uint8_t x;
+      uint8_t x = 0;
       RETURN_IF_ERROR(c.Read(&x, what));
       v->value = x != 0;
       break;

@@ -24,7 +24,9 @@ TEST(KvBlockLayout, SectionsAlignedAndSized) {
             EXPECT_GE(l.k_scale, l.v_data + data);
             EXPECT_GE(l.v_scale, l.k_scale + 2 * heads * bs);
           }
-          if (l.has_token_zero()) EXPECT_GE(l.v_zero, l.k_zero + heads * bs);
+          if (l.has_token_zero()) {
+            EXPECT_GE(l.v_zero, l.k_zero + heads * bs);
+          }
           EXPECT_EQ(KvBlockBytes(f, bs, heads, hd), l.block_bytes);
         }
       }

@@ -134,7 +134,10 @@ TEST(GoldenLogits, Fp16WeightsWithinStatedTolerance) {
   const auto seq = golden["logits"][0]["input_tokens"].get<std::vector<int32_t>>();
   const std::vector<float> ref = LoadF32("golden/stories15M_logits_once_upon_a_time.f32");
   StepInput in;
-  in.seqs.push_back({seq, 0, {0}, SeqStepInput::Logits::kAll});
+  SeqStepInput& s = in.seqs.emplace_back();
+  s.tokens = seq;
+  s.block_table = {0};
+  s.logits = SeqStepInput::Logits::kAll;
   StepOutput out;
   ASSERT_TRUE((*engine)->Step(in, &out).ok());
   double max_diff = 0;

@@ -310,7 +310,8 @@ TEST(GpuKvDtypes, EveryFormatRunsEndToEndAndMatchesCpuEngine) {
       }
       total += got[i].size();
       first += common >= 1;
-      per_case += " " + std::to_string(common);
+      per_case += ' ';
+      per_case += std::to_string(common);
     }
     // GPU vs CPU engine with this format, next to the format's own error (CPU
     // engine: this format vs an fp32 cache). Quantization amplifies the
@@ -343,7 +344,9 @@ TEST(GpuKvDtypes, EveryFormatRunsEndToEndAndMatchesCpuEngine) {
     EXPECT_EQ(first, 8) << KvFormatName(fmt) << ": the first generated token of every prompt";
     const int bits = KvDtypeBits(fmt.dtype);
     EXPECT_LT(rms, 0.02 + fmt_rms) << KvFormatName(fmt);
-    if (bits >= 16) EXPECT_GT(same, total * 9 / 10) << KvFormatName(fmt);
+    if (bits >= 16) {
+      EXPECT_GT(same, total * 9 / 10) << KvFormatName(fmt);
+    }
   }
 }
 

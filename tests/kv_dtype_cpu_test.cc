@@ -49,7 +49,10 @@ class KvDtypeCpuTest : public ::testing::Test {
       cap.v.assign(v, v + t * c.kv_size());
     });
     StepInput in;
-    in.seqs.push_back({*text_, 0, BlockTable(text_->size()), SeqStepInput::Logits::kNone});
+    SeqStepInput& s = in.seqs.emplace_back();
+    s.tokens = *text_;
+    s.block_table = BlockTable(text_->size());
+    s.logits = SeqStepInput::Logits::kNone;
     StepOutput out;
     ASSERT_TRUE(engine->Step(in, &out).ok());
     params_ = new std::map<KvDtype, KvQuantParams>();
@@ -205,10 +208,16 @@ TEST_F(KvDtypeCpuTest, GreedyAgreementWithFp32Cache) {
     }
     prefix /= reqs.size();
     std::printf("%-18s %21.1f%% %17.1f%%\n", KvFormatName(f).c_str(), 100 * prefix, 100 * equal / total);
-    if (f.dtype == KvDtype::kFp32) EXPECT_EQ(prefix, 1.0);
+    if (f.dtype == KvDtype::kFp32) {
+      EXPECT_EQ(prefix, 1.0);
+    }
     // fp16 and int8 caches must track the fp32 cache closely on this model.
-    if (f.dtype == KvDtype::kFp16) EXPECT_GT(prefix, 0.9) << KvFormatName(f);
-    if (f.dtype == KvDtype::kInt8) EXPECT_GT(prefix, 0.5) << KvFormatName(f);
+    if (f.dtype == KvDtype::kFp16) {
+      EXPECT_GT(prefix, 0.9) << KvFormatName(f);
+    }
+    if (f.dtype == KvDtype::kInt8) {
+      EXPECT_GT(prefix, 0.5) << KvFormatName(f);
+    }
   }
 }
 
