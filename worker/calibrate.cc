@@ -47,11 +47,11 @@ absl::StatusOr<std::unique_ptr<KvRangeObserver>> ObserveKvRanges(
 
   std::vector<std::vector<int32_t>> windows;
   for (int64_t s = 0; s < used; s += per_window) {
-    std::vector<int32_t> w;
-    if (bos) w.push_back(o.bos_id);
     const int64_t e = std::min(used, s + per_window);
-    w.insert(w.end(), text_tokens.begin() + o.offset + s, text_tokens.begin() + o.offset + e);
-    windows.push_back(std::move(w));
+    std::vector<int32_t>& w = windows.emplace_back();
+    w.reserve(static_cast<size_t>(e - s) + (bos ? 1 : 0));
+    if (bos) w.push_back(o.bos_id);
+    for (int64_t t = s; t < e; ++t) w.push_back(text_tokens[o.offset + t]);
   }
   StepOutput out;
   for (size_t w0 = 0; w0 < windows.size(); w0 += o.batch) {
