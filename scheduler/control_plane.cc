@@ -278,8 +278,10 @@ absl::StatusOr<std::unique_ptr<ControlPlane>> ControlPlane::Start(const ControlP
   b.SetMaxReceiveMessageSize(-1);
   b.SetMaxSendMessageSize(-1);
   // Detect dead peers on idle streams; accept the workers' keepalive pings.
-  b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
-  b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+  b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                       static_cast<int>(absl::ToInt64Milliseconds(options.keepalive_time)));
+  b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                       static_cast<int>(absl::ToInt64Milliseconds(options.keepalive_timeout)));
   b.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
   b.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   b.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20);  // large logits replies

@@ -94,6 +94,12 @@ struct ControlPlaneOptions {
   std::string listen_address = "127.0.0.1:0";
   std::string secret;      // required
   int32_t world_size = 1;  // Hellos for other sizes or ranks are rejected
+  // The server pings an idle worker connection every keepalive_time and drops
+  // it when a ping goes unanswered for keepalive_timeout (a dead host, a cut
+  // network). A worker busy in a long step still answers: its session keeps a
+  // read pending on another thread (worker/worker_service.cc).
+  absl::Duration keepalive_time = absl::Seconds(10);
+  absl::Duration keepalive_timeout = absl::Seconds(5);
 };
 
 class ControlPlane {

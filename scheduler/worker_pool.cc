@@ -60,6 +60,8 @@ absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Start(const WorkerPoolOp
     co.listen_address = options.listen_address;
     ASSIGN_OR_RETURN(co.secret, ReadSecretFile(options.secret_file));
     co.world_size = n;
+    co.keepalive_time = options.keepalive_time;
+    co.keepalive_timeout = options.keepalive_timeout;
     ASSIGN_OR_RETURN(pool->control_, ControlPlane::Start(co));
     spdlog::info("worker pool: waiting for {} external worker(s) on {}", n, pool->control_->address());
     return pool;
@@ -92,6 +94,8 @@ absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Start(const WorkerPoolOp
   co.listen_address = options.listen_address;
   co.secret = secret;
   co.world_size = n;
+  co.keepalive_time = options.keepalive_time;
+  co.keepalive_timeout = options.keepalive_timeout;
   ASSIGN_OR_RETURN(pool->control_, ControlPlane::Start(co));
   RETURN_IF_ERROR(pool->Spawn());
   return pool;

@@ -68,6 +68,9 @@ struct WorkerPoolOptions {
   // secret read from `secret_file`, and WaitReady waits for them.
   bool external_workers = false;
   std::string secret_file;
+  // The control plane's keepalive (ControlPlaneOptions).
+  absl::Duration keepalive_time = absl::Seconds(10);
+  absl::Duration keepalive_timeout = absl::Seconds(5);
 };
 
 struct WorkerProcessStatus {

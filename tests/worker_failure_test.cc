@@ -160,6 +160,33 @@ TEST(WorkerFailure, HungWorkerHitsTheStepDeadline) {
   ExpectNoChildren();
 }
 
+// A worker busy in one long step (a long CPU prefill, a slow load) keeps
+// answering the control plane's keepalive pings: its session reads on another
+// thread. Here the keepalive is 0.5 s with a 0.5 s timeout and rank 1's first
+// step takes 3 s; without that reader the scheduler dropped the rank
+// ("closed its control stream") after about keepalive time + timeout.
+TEST(WorkerFailure, BusyWorkerKeepsItsControlStream) {
+  WorkerPoolOptions o = PoolOptions();
+  o.keepalive_time = absl::Milliseconds(500);
+  o.keepalive_timeout = absl::Milliseconds(500);
+  o.extra_args = {{}, {"--fault-slow-first-step", "3000"}};
+  auto pool = WorkerPool::Start(o);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  auto engine = (*pool)->WaitReady(absl::Seconds(60));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const absl::Time t0 = absl::Now();
+  Generation g;
+  ASSERT_NO_FATAL_FAILURE(StartGeneration(*engine, &g));  // its first step is the slow one
+  EXPECT_GE(absl::Now() - t0, absl::Seconds(3)) << "the fault did not slow the first step";
+  absl::Status s;
+  while (g.loop->HasWork() && s.ok()) s = g.loop->Step();
+  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_EQ(g.finished.size(), 8u);
+  EXPECT_TRUE((*pool)->Health().status.ok()) << (*pool)->Health().status;
+  (*pool)->Shutdown();
+  ExpectNoChildren();
+}
+
 TEST(WorkerFailure, StartupFailuresAreFastAndNamed) {
   {
     // Rank 1 exits on a bad flag before registering.

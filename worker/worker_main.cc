@@ -70,6 +70,11 @@ int Main(int argc, char** argv) {
   app.add_option("--cuda-device", o.cuda_device, "GPU of this rank when the scheduler asks for --device cuda (default: the rank)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--connect-timeout", connect_timeout_s, "seconds to wait for the scheduler")->check(CLI::PositiveNumber);
+  int fault_slow_step_ms = 0;
+  app.add_option("--fault-slow-first-step", fault_slow_step_ms,
+                 "tests: sleep this many milliseconds before the first step (a worker busy in a long step)")
+      ->check(CLI::NonNegativeNumber)
+      ->group("");  // hidden
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -95,6 +100,7 @@ int Main(int argc, char** argv) {
   }
   o.secret = *secret;
   o.connect_timeout = absl::Seconds(connect_timeout_s);
+  o.fault_slow_first_step = absl::Milliseconds(fault_slow_step_ms);
   if (threads > 0) {
     omp_set_num_threads(threads);
     openblas_set_num_threads(threads);

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -618,6 +619,9 @@ class WorkerSession::Impl {
 
   absl::Status HandleStep(const v1::Step& p, v1::StepResult* r) {
     if (!allocated_) return absl::FailedPreconditionError("Step before Allocate");
+    if (o_.fault_slow_first_step > absl::ZeroDuration()) {
+      absl::SleepFor(std::exchange(o_.fault_slow_first_step, absl::ZeroDuration()));
+    }
     RETURN_IF_ERROR(StepFromProto(p, &in_));
     if (engine_->SupportsSampling()) {  // samples on the device: only tokens come back
       const auto t0 = std::chrono::steady_clock::now();

@@ -82,6 +82,9 @@ struct WorkerOptions {
   // --device cuda (chosen by the scheduler's Init): the GPU of this rank;
   // -1 = rank modulo the visible devices (GPU i for rank i).
   int cuda_device = -1;
+  // Fault injection for tests: the first Step sleeps this long on the
+  // session's thread before it runs (a worker busy in a long step).
+  absl::Duration fault_slow_first_step = absl::ZeroDuration();
 };
 inline constexpr int64_t kDefaultKvCacheMemory = int64_t{1} << 30;
 
