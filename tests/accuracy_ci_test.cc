@@ -217,7 +217,10 @@ TEST_F(SmolLm2Accuracy, LogitsMatchNumpyReference) {
   auto engine = CpuEngine::Create(*weights_, eo);
   ASSERT_TRUE(engine.ok()) << engine.status();
   StepInput step;
-  step.seqs.push_back({ids, 0, {0, 1, 2, 3}, SeqStepInput::Logits::kAll});
+  SeqStepInput& s = step.seqs.emplace_back();
+  s.tokens = ids;
+  s.block_table = {0, 1, 2, 3};
+  s.logits = SeqStepInput::Logits::kAll;
   StepOutput got;
   ASSERT_TRUE((*engine)->Step(step, &got).ok());
   ASSERT_EQ(got.logits.size(), ref.size());

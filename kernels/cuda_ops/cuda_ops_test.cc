@@ -478,7 +478,9 @@ TEST(Sampling, SeededRowsRepeatAndCountersDiffer) {
   int distinct = 0;
   for (int i = 0; i < 64; ++i) {
     EXPECT_EQ(a[i].token, b[i].token);
-    if (i >= 32) EXPECT_EQ(a[i].token, a[i - 32].token);
+    if (i >= 32) {
+      EXPECT_EQ(a[i].token, a[i - 32].token);
+    }
     distinct += a[i].token != a[0].token;
   }
   EXPECT_GT(distinct, 20);
