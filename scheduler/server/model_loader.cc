@@ -152,7 +152,7 @@ absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedM
   wo.listen_address = c.control_plane_address;
   if (!c.external_workers) wo.worker_binary = FindWorkerBinary(c.worker_binary);
   RemoteEngineOptions& e = wo.engine;
-  e.step_timeout = absl::Milliseconds(static_cast<int64_t>(c.worker_step_timeout_s * 1000));
+  e.step_timeout = absl::Seconds(c.worker_step_timeout_s);  // saturates for huge values
   e.world_size = c.tp;
   if (dummy) {
     e.load_format = "dummy";
@@ -195,7 +195,7 @@ absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedM
   }
   ASSIGN_OR_RETURN(out->pool, WorkerPool::Start(wo));
   absl::StatusOr<RemoteEngine*> engine =
-      out->pool->WaitReady(absl::Milliseconds(static_cast<int64_t>(c.worker_ready_timeout_s * 1000)));
+      out->pool->WaitReady(absl::Seconds(c.worker_ready_timeout_s));
   if (!engine.ok()) {
     out->pool->Shutdown();
     return engine.status();
