@@ -117,7 +117,7 @@ sbench() {  # the serving benchmark: one server per KV format, each workload
     # The server's metrics after the runs: step time on the scheduler vs the workers' forward time.
     python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())" \
       "http://127.0.0.1:$((port + 1))/metrics" > "$out/metrics_$tag.txt" 2>/dev/null
-    grep -E '^strata_(worker_)?step_duration_seconds_(sum|count)|^strata_steps_total' "$out/metrics_$tag.txt"
+    grep -E '^strata_(worker_)?step_duration_seconds_(sum|count)|^strata_steps_total|^strata_step_phase_seconds_total' "$out/metrics_$tag.txt"
     kill -TERM $pid; wait $pid
     port=$((port + 2))
   done
