@@ -20,6 +20,14 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// d += (ah + al) b: an fp32-accurate A operand as its fp16 hi and lo halves
+// (SplitPair), two MMAs sharing the B fragments.
+__device__ __forceinline__ void MmaHiLo(float (&d)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4],
+                                        uint32_t b0, uint32_t b1) {
+  Mma16816(d, ah[0], ah[1], ah[2], ah[3], b0, b1);
+  Mma16816(d, al[0], al[1], al[2], al[3], b0, b1);
+}
+
 // ldmatrix.x4: four 8x8 matrices of 16-bit values from shared memory. Lane l
 // passes the address of row l % 8 of matrix l / 8 (16 contiguous bytes,
 // 16-byte aligned) and receives, in r[m], the pair (row l / 4, columns

@@ -296,11 +296,7 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
         uint32_t kb[4];
         Ldsm4(kc + lk_off + jp * 16 * kQs + kk * 16, kb);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float(&s)[4] = sc[2 * jp + h];
-          Mma16816(s, qh[0], qh[1], qh[2], qh[3], kb[2 * h], kb[2 * h + 1]);
-          Mma16816(s, ql[0], ql[1], ql[2], ql[3], kb[2 * h], kb[2 * h + 1]);
-        }
+        for (int h = 0; h < 2; ++h) MmaHiLo(sc[2 * jp + h], qh, ql, kb[2 * h], kb[2 * h + 1]);
       }
     }
     // Scale, zero-point fold, causal mask; the tile's row maxima.
@@ -400,11 +396,7 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
         uint32_t vb[4];
         Ldsm4T(vt + lv_off + kp * 16 * kQs + dp * 16, vb);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float(&od)[4] = o[2 * dp + h];
-          Mma16816(od, ah[0], ah[1], ah[2], ah[3], vb[2 * h], vb[2 * h + 1]);
-          Mma16816(od, al[0], al[1], al[2], al[3], vb[2 * h], vb[2 * h + 1]);
-        }
+        for (int h = 0; h < 2; ++h) MmaHiLo(o[2 * dp + h], ah, al, vb[2 * h], vb[2 * h + 1]);
       }
     }
   }
