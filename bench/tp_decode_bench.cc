@@ -10,6 +10,12 @@
 // around Engine::Step, graphs on), the ratio to tp=1, and the all-reduce share
 // of an eager step (CUDA events between stages; the all-reduce stage includes
 // waiting for the slowest rank).
+//
+// Caveat: NCCL between threads of one process is slower than between the
+// server's worker processes (4 x H200, 64 decodes + 200 prompt tokens at
+// tp=4: 18.7 ms here against 12.5 ms per step in the server, where a faster
+// all-reduce changed nothing; bench/RESULTS.md, late night). Read the
+// all-reduce share as an upper bound; measure serving with the server.
 #include <cuda_runtime.h>
 
 #include <algorithm>

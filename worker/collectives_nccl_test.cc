@@ -4,7 +4,7 @@
 //
 // Each rank is a fresh process: the test forks and re-executes its own binary
 // with the rank in the environment (CUDA and gRPC do not survive a plain
-// fork), and a static initializer runs the rank before main().
+// fork), selecting the one test that runs the rank (NcclCollectivesChild).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <sys/wait.h>
@@ -141,15 +141,22 @@ int RankMain(int rank, const std::string& address, const std::string& scenario) 
   return 0;
 }
 
-// Child mode: set by RunTwoRanks through the environment of the re-executed binary.
-[[maybe_unused]] const int kChildExit = [] {
+// Child mode: RunTwoRanks re-executes this binary with the rank in the
+// environment and only this test selected. (A test rather than a static
+// initializer running before main(): the CUDA kernels of linked static
+// libraries are registered by static initializers too, in no defined order,
+// so a rank that launched one of them from a static initializer could find
+// it unregistered.)
+TEST(NcclCollectivesChild, RunsOneRank) {
   const char* rank = std::getenv("STRATA_NCCL_TEST_RANK");
   const char* addr = std::getenv("STRATA_NCCL_TEST_ADDRESS");
   const char* scenario = std::getenv("STRATA_NCCL_TEST_SCENARIO");
-  if (rank == nullptr || addr == nullptr || scenario == nullptr) return 0;
+  if (rank == nullptr || addr == nullptr || scenario == nullptr) {
+    GTEST_SKIP() << "runs only in the rank processes the other tests start";
+  }
   std::fflush(stdout);
   ::_exit(RankMain(std::atoi(rank), addr, scenario));
-}();
+}
 
 // Starts the rendezvous, runs the two ranks, returns their exit codes.
 std::vector<int> RunTwoRanks(const std::string& scenario) {
@@ -171,7 +178,8 @@ std::vector<int> RunTwoRanks(const std::string& scenario) {
     envp[r].push_back(nullptr);
   }
   char self[] = "/proc/self/exe";
-  char* argv[] = {self, nullptr};
+  char filter[] = "--gtest_filter=NcclCollectivesChild.RunsOneRank";
+  char* argv[] = {self, filter, nullptr};
   pid_t pids[2];
   for (int r = 0; r < 2; ++r) {
     pids[r] = ::fork();
