@@ -48,6 +48,7 @@ struct Result {
   int tp = 0;
   std::string kv;
   double step_ms = 0, wall_ms = 0, allreduce_ms = 0, eager_ms = 0;
+  std::vector<std::pair<std::string, double>> stages;  // eager step on rank 0, ms per stage
   int32_t blocks = 0;
   double alias = 1;
 };
@@ -165,7 +166,8 @@ Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, 
       if (absl::Status s = eng.Step(in, &out); !s.ok()) return fail(s);
     }
     if (r == 0) {
-      for (const auto& [stage, ms] : eng.StageProfile()) {
+      res.stages = eng.StageProfile();
+      for (const auto& [stage, ms] : res.stages) {
         res.eager_ms += ms;
         if (stage == "all_reduce") res.allreduce_ms += ms;
       }
@@ -243,6 +245,7 @@ int main(int argc, char** argv) {
       return 2;
     }
     double base = 0;
+    std::vector<Result> done;
     for (auto tp_s : absl::StrSplit(tps_s, ',')) {
       const int tp = std::stoi(std::string(tp_s));
       if (tp > gpus) {
@@ -264,6 +267,38 @@ int main(int argc, char** argv) {
                     r.wall_ms);
       md << line;
       std::printf("%s", line);
+      std::fflush(stdout);
+      done.push_back(r);
+    }
+    // Where the eager step's time goes, per tp: which stages shrink with the shards.
+    if (!done.empty()) {
+      std::ostringstream t;
+      t << "\n| " << kv_name << " eager step, ms per stage (rank 0) |";
+      for (const Result& r : done) t << " tp=" << r.tp << " |";
+      t << "\n|---|";
+      for (size_t i = 0; i < done.size(); ++i) t << "---:|";
+      t << "\n";
+      std::vector<std::string> names;  // every stage, in the order the ranks run them
+      for (const Result& r : done) {
+        for (const auto& st : r.stages) {
+          if (std::find(names.begin(), names.end(), st.first) == names.end()) names.push_back(st.first);
+        }
+      }
+      for (const std::string& name : names) {
+        t << "| " << name << " |";
+        for (const Result& r : done) {
+          double ms = 0;
+          for (const auto& st : r.stages) {
+            if (st.first == name) ms += st.second;
+          }
+          char v[32];
+          std::snprintf(v, sizeof(v), " %.3f |", ms);
+          t << v;
+        }
+        t << "\n";
+      }
+      md << t.str();
+      std::printf("%s", t.str().c_str());
       std::fflush(stdout);
     }
   }
