@@ -209,7 +209,7 @@ int main(int argc, char** argv) {
   app.add_option("--layers", layers, "keep only this many decoder layers of the shape (0: all), to fit a "
                                      "large shape on fewer GPUs; the table says so");
   app.add_option("--prefill-tokens", prefill, "add a sequence with this many prompt tokens (a mixed "
-                                             "step: segment graphs instead of a decode graph)");
+                                             "step, which the engine runs eagerly: no CUDA graph)");
   app.add_option("--markdown", markdown, "write the table here too");
   CLI11_PARSE(app, argc, argv);
   absl::StatusOr<ModelConfig> shape = NamedModelShape(model);
@@ -229,9 +229,9 @@ int main(int argc, char** argv) {
                                         : std::string())
      << " (dummy fp16 weights), batch "
      << batch << ", context " << ctx
-     << (prefill > 0 ? absl::StrCat(" + one sequence prefilling ", prefill, " tokens (mixed step: segment graphs)")
+     << (prefill > 0 ? absl::StrCat(" + one sequence prefilling ", prefill, " tokens (mixed step, run eagerly)")
                      : std::string())
-     << "; median of " << iters << " steps on rank 0 (CUDA graphs), "
+     << "; median of " << iters << " steps on rank 0" << (prefill > 0 ? "" : " (CUDA graphs)") << ", "
      << "all-reduce share from 5 eager steps\n\n";
   md << "| tp | kv | step ms | vs tp=1 | eager step ms | all-reduce ms (eager) | all-reduce share | KV blocks/rank | alias | host wall ms |\n";
   md << "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
