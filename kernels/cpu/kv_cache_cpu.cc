@@ -12,6 +12,10 @@
 #include <vector>
 
 #include "kernels/quant_math.h"
+
+#if defined(__AVX512F__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include "runtime/check.h"
 
 namespace strata::cpu {
@@ -96,7 +100,19 @@ void DecodeRow(const uint8_t* data, int hd, float s, float z, float* out) {
   } else if constexpr (C::kBits == 8) {
     for (int i = 0; i < hd; ++i) out[i] = C::Decode(data[i], s, z);
   } else if constexpr (C::kBits == 16) {
-    for (int i = 0; i < hd; ++i) {
+    int i = 0;
+#if defined(__AVX512F__) && defined(__F16C__)
+    // IEEE half -> float, 16 at a time (vcvtph2ps is exact; it differs from
+    // HalfBitsToFloat only in quieting signaling NaNs).
+    if constexpr (C::kDtype == KvDtype::kFp16) {
+      for (; i + 16 <= hd; i += 16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + 2 * i));
+        // The maskz form: GCC 12 flags _mm512_cvtph_ps's undefined passthrough.
+        _mm512_storeu_ps(out + i, _mm512_maskz_cvtph_ps(__mmask16(0xffff), h));
+      }
+    }
+#endif
+    for (; i < hd; ++i) {
       uint16_t v;
       std::memcpy(&v, data + 2 * i, 2);
       out[i] = C::Decode(v, s, z);
@@ -195,6 +211,7 @@ struct Scratch {
   std::vector<float> acc;     // [rows][head_dim]
   std::vector<float> sums;    // [rows]
   std::vector<float> row;     // [head_dim]
+  std::vector<float> vblock;  // [block_size][head_dim]: a block's decoded V rows
   std::vector<const float*> qrows;  // [rows]: query row r
 };
 
@@ -312,6 +329,30 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
       WriteRows(sc, rows, group, q0 + it.first, num_heads, it.kv_head, hd, out);
       return;
     }
+  }
+  if (hd % 16 == 0) {
+    // Other formats: decode a block's rows once into scratch, then the same
+    // register-blocked sums for every query row.
+    sc.vblock.resize(static_cast<size_t>(bs) * hd);
+    for (int32_t b0 = 0; b0 < npos; b0 += bs) {
+      const int32_t block = table[b0 / bs];
+      const int32_t end = std::min(npos, b0 + bs);
+      if (end < npos) PrefetchHeadRows(cache, table[end / bs], it.kv_head, true);
+      for (int32_t j = b0; j < end; ++j) {
+        float* row = &sc.vblock[static_cast<size_t>(j - b0) * hd];
+        const float* v = ReadRow<C>(cache, block, j - b0, it.kv_head, true, row);
+        if (v != row) std::memcpy(row, v, sizeof(float) * hd);
+      }
+      for (int r = 0; r < rows; ++r) {
+        const int32_t cnt = std::min(pos0 + r / group + 1, end) - b0;  // causal: positions < len
+        if (cnt <= 0) continue;
+        const float* p = &sc.scores[static_cast<size_t>(r) * npos + b0];
+        float* acc = &sc.acc[static_cast<size_t>(r) * hd];
+        for (int d0 = 0; d0 < hd; d0 += 16) WeightedRows16(p, &sc.vblock[d0], hd, cnt, acc + d0);
+      }
+    }
+    WriteRows(sc, rows, group, q0 + it.first, num_heads, it.kv_head, hd, out);
+    return;
   }
   for (int32_t b0 = 0; b0 < npos; b0 += bs) {
     const int32_t block = table[b0 / bs];
