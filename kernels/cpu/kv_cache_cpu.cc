@@ -207,6 +207,50 @@ inline float Dot(const float* a, const float* b, int n) {
   return acc[0];
 }
 
+// q . c for one row of integer codes (int8: signed bytes, int4: nibbles,
+// low first), as floats; AVX-512 takes 16 codes at a time.
+template <class C>
+inline float DotCodes(const float* q, const uint8_t* data, int hd) {
+  int i = 0;
+  float tail = 0.0f;
+#if defined(__AVX512F__)
+  const __mmask16 all = 0xffff;  // maskz forms: see DecodeRow
+  __m512 acc = _mm512_setzero_ps();
+  if constexpr (C::kDtype == KvDtype::kInt8) {
+    for (; i + 16 <= hd; i += 16) {
+      const __m512i c = _mm512_maskz_cvtepi8_epi32(
+          all, _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + i)));
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_maskz_cvtepi32_ps(all, c), acc);
+    }
+  } else {
+    const __m512i idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+    for (; i + 16 <= hd; i += 16) {
+      const __m512i bytes = _mm512_maskz_cvtepu8_epi32(
+          all, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(data + i / 2)));
+      const __m512i c = _mm512_and_si512(
+          _mm512_maskz_srlv_epi32(all, _mm512_maskz_permutexvar_epi32(all, idx, bytes), shift),
+          _mm512_set1_epi32(15));
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_maskz_cvtepi32_ps(all, c), acc);
+    }
+  }
+  alignas(64) float lanes[16];  // (not _mm512_reduce_add_ps: GCC 12 flags its passthrough)
+  _mm512_store_ps(lanes, acc);
+  for (int w = 8; w >= 1; w /= 2) {
+    for (int k = 0; k < w; ++k) lanes[k] += lanes[k + w];
+  }
+  tail = lanes[0];
+#endif
+  for (; i < hd; ++i) {
+    const uint32_t code = C::kBits == 4 ? (data[i / 2] >> (4 * (i & 1))) & 0xFu : data[i];
+    const float c = C::kDtype == KvDtype::kInt8
+                        ? static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(code)))
+                        : static_cast<float>(code);
+    tail += q[i] * c;
+  }
+  return tail;
+}
+
 // out[0, 16) = sum over positions t in [0, n) of p[t] * v[t * stride + (0, 16)],
 // with four partial sums over t so the additions do not wait on each other.
 inline void WeightedRows16(const float* p, const float* v, int64_t stride, int32_t n, float* out) {
@@ -246,6 +290,7 @@ struct Scratch {
   std::vector<float> sums;    // [rows]
   std::vector<float> row;     // [head_dim]
   std::vector<float> vblock;  // [block_size][head_dim]: a block's decoded V rows
+  std::vector<float> qsum;    // [rows]: sum of each query row (integer formats)
   std::vector<const float*> qrows;  // [rows]: query row r
 };
 
@@ -306,6 +351,14 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
   sc.acc.assign(static_cast<size_t>(rows) * hd, 0.0f);
   sc.sums.resize(rows);
   sc.row.resize(hd);
+  if constexpr (C::kHasZero) {
+    sc.qsum.resize(rows);
+    for (int r = 0; r < rows; ++r) {
+      float t = 0.0f;
+      for (int e = 0; e < hd; ++e) t += qrow[r][e];
+      sc.qsum[r] = t;
+    }
+  }
 
   // Pass 1: scores, block by block. Token i sees positions [0, pos0 + i].
   // K runs kPrefetchBlocks blocks ahead; V's blocks are asked for into L2 on
@@ -322,6 +375,20 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
     if (const int32_t ahead = b0 / bs + kPrefetchBlocks; ahead < nblocks) {
       PrefetchHeadRows(cache, table[ahead], it.kv_head, false);
       PrefetchHeadRows<2>(cache, table[ahead], it.kv_head, true);
+    }
+    if constexpr (C::kHasZero) {
+      // Integer codes: q . ((c - z) s) = s (q . c - z sum(q)), the dot product
+      // taken on the codes directly (no decoded row).
+      for (int32_t j = b0; j < end; ++j) {
+        const RowRef rr = Row(cache, block, j - b0, it.kv_head, false);
+        float ks, kz;
+        RowScale<C>(cache, rr, it.kv_head, false, &ks, &kz);
+        for (int r = std::max(0, j - pos0) * group; r < rows; ++r) {
+          const float dot = DotCodes<C>(qrow[r], rr.data, hd);
+          sc.scores[static_cast<size_t>(r) * npos + j] = (dot - kz * sc.qsum[r]) * ks * softmax_scale;
+        }
+      }
+      continue;
     }
     for (int32_t j = b0; j < end; ++j) {
       const float* k = ReadRow<C>(cache, block, j - b0, it.kv_head, false, sc.row.data());
