@@ -1,9 +1,10 @@
 // Tensor parallelism end to end on the CPU: the scheduler (EngineLoop) drives
 // two real strata-worker processes (fork/exec, loopback gRPC control plane,
 // Gloo all-reduce between them) holding 3 of stories15M's 6 heads each.
-// Greedy outputs must equal the golden outputs and an in-process tp=1 run,
+// Greedy outputs must equal the golden outputs and an in-process tp=1 run
 // with the fp32 cache (under swap preemption, so swap lists cross the wire
-// too) and with the int8 cache.
+// too), and the tp=1 run with the int8 cache up to near-ties of its own
+// trajectory (ExpectSameTokensUpToNearTies).
 #include <signal.h>
 
 #include <cstdio>
@@ -98,6 +99,41 @@ void ExpectSameTokens(const Run& got, const Run& want, const char* what, size_t 
     equal_in_full += g == w;
   }
   std::printf("[ info     ] %s: %zu of %zu outputs identical in full\n", what, equal_in_full, cases.size());
+}
+
+// For quantized caches: the two ranks' all-reduce adds the o_proj / down
+// partials in another order than one rank does, and a difference in the last
+// bit of an activation can move a K/V value across an int8 rounding boundary;
+// the code that flips then shifts logits by up to a quantization step, enough
+// to turn a greedy near-tie of that trajectory (it is not the golden one, so
+// its stable prefix is unknown). So: the first `exact` tokens of every case
+// must match (a sharding error shows at once), and the tokens before each
+// case's first difference must cover `min_fraction` of those compared.
+void ExpectSameTokensUpToNearTies(const Run& got, const Run& want, const char* what, size_t max_tokens,
+                                  size_t exact, double min_fraction) {
+  const auto cases = GoldenCases();
+  ASSERT_EQ(got.outputs.size(), cases.size()) << what;
+  size_t compared = 0, same_prefix = 0;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const auto& g = got.outputs.at(i);
+    const auto& w = want.outputs.at(i);
+    const size_t n = CompareLen(cases[i], max_tokens);
+    ASSERT_GE(g.size(), n) << what << " case " << cases[i]["id"];
+    ASSERT_GE(w.size(), n) << what << " case " << cases[i]["id"];
+    size_t k = 0;
+    while (k < n && g[k] == w[k]) ++k;
+    EXPECT_GE(k, std::min(n, exact)) << what << ": case " << cases[i]["id"] << " differs at token " << k;
+    if (k < n) {
+      std::printf("[ info     ] %s: case %s first differs at token %zu of %zu\n", what,
+                  cases[i]["id"].get<std::string>().c_str(), k, n);
+    }
+    compared += n;
+    same_prefix += k;
+  }
+  const double fraction = compared > 0 ? static_cast<double>(same_prefix) / compared : 1.0;
+  std::printf("[ info     ] %s: %.1f%% of %zu compared tokens before the first difference\n", what,
+              100.0 * fraction, compared);
+  EXPECT_GE(fraction, min_fraction) << what;
 }
 
 void ExpectGolden(const Run& got) {
@@ -227,7 +263,8 @@ TEST(TensorParallelCpu, Fp32TwoWorkersMatchGoldenAndTp1UnderSwap) {
 TEST(TensorParallelCpu, Int8TwoWorkersMatchTp1) {
   // The int8 cache changes greedy outputs against the fp32 golden ones (see
   // bench/results/kv_dtype_cpu.md), so the reference is tp=1 with the same
-  // cache, over the same window as the golden comparison.
+  // cache, over the same window as the golden comparison, up to near-ties
+  // (ExpectSameTokensUpToNearTies).
   constexpr int32_t kTokens = 256;
   const KvFormat int8{KvDtype::kInt8, KvScaleMode::kDynamic};
   auto tp1 = GenerateInProcess(int8, 160, 0, PreemptionMode::kRecompute, kTokens);
@@ -249,7 +286,8 @@ TEST(TensorParallelCpu, Int8TwoWorkersMatchTp1) {
 
   auto tp2 = Generate(*engine, (*engine)->kv_bytes_per_block(), PreemptionMode::kRecompute, kTokens);
   ASSERT_TRUE(tp2.ok()) << tp2.status();
-  ExpectSameTokens(*tp2, *tp1, "int8 tp=2 vs tp=1", kTokens);
+  ExpectSameTokensUpToNearTies(*tp2, *tp1, "int8 tp=2 vs tp=1", kTokens, /*exact=*/48,
+                               /*min_fraction=*/0.8);
   (*pool)->Shutdown();
   ExpectAllReaped(pids);
 }
