@@ -7,6 +7,7 @@
 #include "kernels/cpu/kv_cache_cpu.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -132,6 +133,20 @@ void DecodeRow(const uint8_t* data, int hd, float s, float z, float* out) {
       }
     }
 #endif
+    if constexpr (C::kDtype == KvDtype::kFp8E4M3 || C::kDtype == KvDtype::kFp8E5M2) {
+      // fp8: the code's value from a table of all 256 (the conversion is
+      // branchy), times the scale as in Decode: the same bits.
+      static const std::array<float, 256> kValue = [] {
+        std::array<float, 256> t{};
+        for (int c = 0; c < 256; ++c) t[c] = C::Decode(static_cast<uint32_t>(c), 1.0f, 0.0f);
+        return t;
+      }();
+      if constexpr (C::kDtype == KvDtype::kFp8E5M2 && !C::kScaled) {
+        for (; i < hd; ++i) out[i] = kValue[data[i]];
+      } else {
+        for (; i < hd; ++i) out[i] = kValue[data[i]] * s;
+      }
+    }
     for (; i < hd; ++i) out[i] = C::Decode(data[i], s, z);
   } else if constexpr (C::kBits == 16) {
     int i = 0;
