@@ -3,6 +3,10 @@
 #include <algorithm>
 #include <cmath>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 
 namespace strata {
@@ -20,8 +24,37 @@ absl::Status ValidateSamplingParams(const SamplingParams& p, int32_t vocab_size)
 }
 
 int32_t ArgMax(const float* logits, int32_t n) {
-  int32_t best = 0;
-  for (int32_t i = 1; i < n; ++i) {
+  int32_t i = 1, best = 0;
+#if defined(__AVX512F__)
+  // The same answer as the loop below (the first index of the largest value;
+  // NaNs never win, and a NaN at 0 keeps 0), in two vector passes: the
+  // largest non-NaN value, then its first index. Greedy decoding runs this
+  // over the vocabulary for every sequence of every step.
+  if (n >= 64 && !std::isnan(logits[0])) {
+    __m512 m = _mm512_set1_ps(logits[0]);
+    int32_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+      const __m512 x = _mm512_loadu_ps(logits + k);
+      m = _mm512_mask_max_ps(m, _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), m, x);
+    }
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, m);
+    float best_value = lanes[0];
+    for (int l = 1; l < 16; ++l) best_value = std::max(best_value, lanes[l]);
+    for (; k < n; ++k) {
+      if (logits[k] > best_value) best_value = logits[k];
+    }
+    const __m512 target = _mm512_set1_ps(best_value);
+    for (k = 0; k + 16 <= n; k += 16) {
+      const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(logits + k), target, _CMP_EQ_OQ);
+      if (eq != 0) return k + __builtin_ctz(eq);
+    }
+    for (; k < n; ++k) {
+      if (logits[k] == best_value) return k;
+    }
+  }
+#endif
+  for (; i < n; ++i) {
     if (logits[i] > logits[best]) best = i;
   }
   return best;

@@ -14,6 +14,43 @@ TEST(Sampling, GreedyTiesGoToLowestId) {
   EXPECT_EQ(s.Sample(logits, 4), 1);
 }
 
+// ArgMax (vectorized where the CPU has AVX-512) against the plain loop: the
+// first index of the largest value, NaNs never winning, a NaN at 0 keeping 0;
+// ties, -inf, signed zeros, lengths around the vector width.
+TEST(Sampling, ArgMaxMatchesTheFirstIndexOfTheMaximum) {
+  auto reference = [](const std::vector<float>& v) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < static_cast<int32_t>(v.size()); ++i) {
+      if (v[i] > v[best]) best = i;
+    }
+    return best;
+  };
+  uint32_t state = 12345;
+  auto next = [&] { return state = state * 1664525u + 1013904223u; };
+  const float nan = std::nanf("");
+  for (int n : {1, 15, 16, 17, 63, 64, 65, 100, 128, 1000, 32000}) {
+    for (int trial = 0; trial < 40; ++trial) {
+      std::vector<float> v(n);
+      for (float& x : v) x = static_cast<float>(next() % 7) - 3.0f;  // many ties
+      const int kind = trial % 8;
+      if (kind == 1) v[next() % n] = nan;
+      if (kind == 2) v[0] = nan;
+      if (kind == 3) {
+        for (float& x : v) x = -INFINITY;
+      }
+      if (kind == 4) {
+        for (float& x : v) x = (next() & 1) ? 0.0f : -0.0f;
+      }
+      if (kind == 5) v[n - 1] = 100.0f;
+      if (kind == 6) {
+        for (int k = 0; k < n / 4 + 1; ++k) v[next() % n] = nan;
+      }
+      if (kind == 7) v[next() % n] = INFINITY;
+      ASSERT_EQ(ArgMax(v.data(), n), reference(v)) << "n " << n << " trial " << trial;
+    }
+  }
+}
+
 TEST(Sampling, SeededStreamsAreReproducibleAndDiffer) {
   std::vector<float> logits(50);
   for (int i = 0; i < 50; ++i) logits[i] = std::sin(i * 0.7f);
