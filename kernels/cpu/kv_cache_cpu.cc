@@ -91,27 +91,39 @@ void EncodeRow(const float* x, int hd, float s, float z, uint8_t* data) {
   }
 }
 
+#if defined(__AVX512F__)
+// 16 integer codes as floats: int8 (signed bytes) or int4 (8 bytes of
+// nibbles, low first: lane j takes byte j / 2, nibble j % 2). The maskz forms
+// of the intrinsics: GCC 12 flags the plain ones' undefined passthrough.
+inline __m512 Int8Codes16(const uint8_t* data) {
+  const __mmask16 all = 0xffff;
+  const __m512i c =
+      _mm512_maskz_cvtepi8_epi32(all, _mm_loadu_si128(reinterpret_cast<const __m128i*>(data)));
+  return _mm512_maskz_cvtepi32_ps(all, c);
+}
+inline __m512 Int4Codes16(const uint8_t* data) {
+  const __mmask16 all = 0xffff;
+  const __m512i idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  const __m512i bytes =
+      _mm512_maskz_cvtepu8_epi32(all, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(data)));
+  const __m512i c = _mm512_and_si512(
+      _mm512_maskz_srlv_epi32(all, _mm512_maskz_permutexvar_epi32(all, idx, bytes), shift),
+      _mm512_set1_epi32(15));
+  return _mm512_maskz_cvtepi32_ps(all, c);
+}
+#endif
+
 template <class C>
 void DecodeRow(const uint8_t* data, int hd, float s, float z, float* out) {
   if constexpr (C::kBits == 4) {
     int i = 0;
 #if defined(__AVX512F__)
-    // 16 codes (8 bytes) at a time: lane j takes byte j / 2, nibble j % 2;
-    // then (code - z) * s as in Decode (no FMA: the same rounding).
+    // (code - z) * s as in Decode (no FMA: the same rounding), 16 at a time.
     if constexpr (C::kDtype == KvDtype::kInt4) {
-      const __m512i idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-      const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
       const __m512 zv = _mm512_set1_ps(z), sv = _mm512_set1_ps(s);
-      const __mmask16 all = 0xffff;
       for (; i + 16 <= hd; i += 16) {
-        // The maskz forms: GCC 12 flags the plain ones' undefined passthrough.
-        const __m512i bytes = _mm512_maskz_cvtepu8_epi32(
-            all, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(data + i / 2)));
-        const __m512i codes = _mm512_and_si512(
-            _mm512_maskz_srlv_epi32(all, _mm512_maskz_permutexvar_epi32(all, idx, bytes), shift),
-            _mm512_set1_epi32(15));
-        _mm512_storeu_ps(out + i,
-                         _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_cvtepi32_ps(all, codes), zv), sv));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_sub_ps(Int4Codes16(data + i / 2), zv), sv));
       }
     }
 #endif
@@ -124,12 +136,8 @@ void DecodeRow(const uint8_t* data, int hd, float s, float z, float* out) {
 #if defined(__AVX512F__)
     if constexpr (C::kDtype == KvDtype::kInt8) {  // (float(int8 code) - z) * s, 16 at a time
       const __m512 zv = _mm512_set1_ps(z), sv = _mm512_set1_ps(s);
-      const __mmask16 all = 0xffff;  // maskz forms, as above
       for (; i + 16 <= hd; i += 16) {
-        const __m512i codes = _mm512_maskz_cvtepi8_epi32(
-            all, _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + i)));
-        _mm512_storeu_ps(out + i,
-                         _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_cvtepi32_ps(all, codes), zv), sv));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_sub_ps(Int8Codes16(data + i), zv), sv));
       }
     }
 #endif
@@ -229,25 +237,10 @@ inline float DotCodes(const float* q, const uint8_t* data, int hd) {
   int i = 0;
   float tail = 0.0f;
 #if defined(__AVX512F__)
-  const __mmask16 all = 0xffff;  // maskz forms: see DecodeRow
   __m512 acc = _mm512_setzero_ps();
-  if constexpr (C::kDtype == KvDtype::kInt8) {
-    for (; i + 16 <= hd; i += 16) {
-      const __m512i c = _mm512_maskz_cvtepi8_epi32(
-          all, _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + i)));
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_maskz_cvtepi32_ps(all, c), acc);
-    }
-  } else {
-    const __m512i idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-    for (; i + 16 <= hd; i += 16) {
-      const __m512i bytes = _mm512_maskz_cvtepu8_epi32(
-          all, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(data + i / 2)));
-      const __m512i c = _mm512_and_si512(
-          _mm512_maskz_srlv_epi32(all, _mm512_maskz_permutexvar_epi32(all, idx, bytes), shift),
-          _mm512_set1_epi32(15));
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_maskz_cvtepi32_ps(all, c), acc);
-    }
+  for (; i + 16 <= hd; i += 16) {
+    const __m512 c = C::kDtype == KvDtype::kInt8 ? Int8Codes16(data + i) : Int4Codes16(data + i / 2);
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), c, acc);
   }
   alignas(64) float lanes[16];  // (not _mm512_reduce_add_ps: GCC 12 flags its passthrough)
   _mm512_store_ps(lanes, acc);
@@ -446,7 +439,7 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
       return;
     }
   }
-  if (hd % 16 == 0) {
+  if (C::kDtype != KvDtype::kFp32 && hd % 16 == 0) {
     // Other formats: decode a block's rows once into scratch, then the same
     // register-blocked sums for every query row.
     sc.vblock.resize(static_cast<size_t>(bs) * hd);
@@ -454,10 +447,8 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
       const int32_t block = table[b0 / bs];
       const int32_t end = std::min(npos, b0 + bs);
       if (end < npos) PrefetchHeadRows(cache, table[end / bs], it.kv_head, true);
-      for (int32_t j = b0; j < end; ++j) {
-        float* row = &sc.vblock[static_cast<size_t>(j - b0) * hd];
-        const float* v = ReadRow<C>(cache, block, j - b0, it.kv_head, true, row);
-        if (v != row) std::memcpy(row, v, sizeof(float) * hd);
+      for (int32_t j = b0; j < end; ++j) {  // a non-fp32 row is decoded into the buffer given
+        ReadRow<C>(cache, block, j - b0, it.kv_head, true, &sc.vblock[static_cast<size_t>(j - b0) * hd]);
       }
       for (int r = 0; r < rows; ++r) {
         const int32_t cnt = std::min(pos0 + r / group + 1, end) - b0;  // causal: positions < len
