@@ -9,6 +9,8 @@
 
 #include <cstdio>
 #include <map>
+#include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "runtime/sampling.h"
@@ -83,22 +85,40 @@ size_t CompareLen(const nlohmann::json& c, size_t max_tokens = 256) {
                            max_tokens});
 }
 
-void ExpectSameTokens(const Run& got, const Run& want, const char* what, size_t max_tokens = 256) {
+// Per golden case: the compared length n (CompareLen) and the index of the
+// first token where `got` and `want` differ (n when none does).
+struct Compared {
+  std::string id;
+  size_t first_difference = 0, n = 0;
+  bool equal_in_full = false;
+};
+void CompareTokens(const Run& got, const Run& want, const char* what, size_t max_tokens,
+                   std::vector<Compared>* out) {
   const auto cases = GoldenCases();
   ASSERT_EQ(got.outputs.size(), cases.size()) << what;
-  size_t equal_in_full = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     const auto& g = got.outputs.at(i);
     const auto& w = want.outputs.at(i);
-    const size_t n = CompareLen(cases[i], max_tokens);
-    ASSERT_GE(g.size(), n) << what << " case " << cases[i]["id"];
-    ASSERT_GE(w.size(), n) << what << " case " << cases[i]["id"];
-    for (size_t k = 0; k < n; ++k) {
-      ASSERT_EQ(g[k], w[k]) << what << ": case " << cases[i]["id"] << " token " << k;
-    }
-    equal_in_full += g == w;
+    Compared c;
+    c.id = cases[i]["id"].get<std::string>();
+    c.n = CompareLen(cases[i], max_tokens);
+    ASSERT_GE(g.size(), c.n) << what << " case " << c.id;
+    ASSERT_GE(w.size(), c.n) << what << " case " << c.id;
+    while (c.first_difference < c.n && g[c.first_difference] == w[c.first_difference]) ++c.first_difference;
+    c.equal_in_full = g == w;
+    out->push_back(c);
   }
-  std::printf("[ info     ] %s: %zu of %zu outputs identical in full\n", what, equal_in_full, cases.size());
+}
+
+void ExpectSameTokens(const Run& got, const Run& want, const char* what, size_t max_tokens = 256) {
+  std::vector<Compared> cmp;
+  ASSERT_NO_FATAL_FAILURE(CompareTokens(got, want, what, max_tokens, &cmp));
+  size_t equal_in_full = 0;
+  for (const Compared& c : cmp) {
+    ASSERT_EQ(c.first_difference, c.n) << what << ": case " << c.id << " differs at token " << c.first_difference;
+    equal_in_full += c.equal_in_full;
+  }
+  std::printf("[ info     ] %s: %zu of %zu outputs identical in full\n", what, equal_in_full, cmp.size());
 }
 
 // For quantized caches: the two ranks' all-reduce adds the o_proj / down
@@ -111,24 +131,18 @@ void ExpectSameTokens(const Run& got, const Run& want, const char* what, size_t 
 // case's first difference must cover `min_fraction` of those compared.
 void ExpectSameTokensUpToNearTies(const Run& got, const Run& want, const char* what, size_t max_tokens,
                                   size_t exact, double min_fraction) {
-  const auto cases = GoldenCases();
-  ASSERT_EQ(got.outputs.size(), cases.size()) << what;
+  std::vector<Compared> cmp;
+  ASSERT_NO_FATAL_FAILURE(CompareTokens(got, want, what, max_tokens, &cmp));
   size_t compared = 0, same_prefix = 0;
-  for (size_t i = 0; i < cases.size(); ++i) {
-    const auto& g = got.outputs.at(i);
-    const auto& w = want.outputs.at(i);
-    const size_t n = CompareLen(cases[i], max_tokens);
-    ASSERT_GE(g.size(), n) << what << " case " << cases[i]["id"];
-    ASSERT_GE(w.size(), n) << what << " case " << cases[i]["id"];
-    size_t k = 0;
-    while (k < n && g[k] == w[k]) ++k;
-    EXPECT_GE(k, std::min(n, exact)) << what << ": case " << cases[i]["id"] << " differs at token " << k;
-    if (k < n) {
-      std::printf("[ info     ] %s: case %s first differs at token %zu of %zu\n", what,
-                  cases[i]["id"].get<std::string>().c_str(), k, n);
+  for (const Compared& c : cmp) {
+    EXPECT_GE(c.first_difference, std::min(c.n, exact))
+        << what << ": case " << c.id << " differs at token " << c.first_difference;
+    if (c.first_difference < c.n) {
+      std::printf("[ info     ] %s: case %s first differs at token %zu of %zu\n", what, c.id.c_str(),
+                  c.first_difference, c.n);
     }
-    compared += n;
-    same_prefix += k;
+    compared += c.n;
+    same_prefix += c.first_difference;
   }
   const double fraction = compared > 0 ? static_cast<double>(same_prefix) / compared : 1.0;
   std::printf("[ info     ] %s: %.1f%% of %zu compared tokens before the first difference\n", what,
