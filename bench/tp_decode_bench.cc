@@ -55,7 +55,7 @@ struct Result {
 
 // One measurement: tp ranks, one KV format. Empty `error` on success.
 Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, int ctx, int iters,
-              int warmup, double util, int prefill, std::string* error) {
+              int warmup, double util, int prefill, bool serialize_attention, std::string* error) {
   Result res;
   res.tp = tp;
   res.kv = KvFormatName(fmt);
@@ -87,6 +87,7 @@ Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, 
     o.shard = {r, tp};
     o.compute_logits = r == 0;
     o.defer_kv_allocation = true;
+    o.overlap_mixed_attention = !serialize_attention;
     auto e = CudaEngine::CreateDummy(shape, o, 1);
     if (!e.ok()) return fail(e.status());
     engines[r] = std::move(*e);
@@ -197,6 +198,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Tensor-parallel decode step benchmark (one process, one thread per GPU)"};
   std::string model = "llama-2-13b", tps_s = "1,2,4", kvs_s = "fp16,int8", markdown;
   int batch = 64, ctx = 2048, iters = 20, warmup = 3, layers = 0, prefill = 0;
+  bool serialize_attention = false;
   double util = 0.9;
   app.add_option("--model", model, "named shape (NamedModelShape)");
   app.add_option("--tp", tps_s, "tensor-parallel sizes");
@@ -210,6 +212,9 @@ int main(int argc, char** argv) {
                                      "large shape on fewer GPUs; the table says so");
   app.add_option("--prefill-tokens", prefill, "add a sequence with this many prompt tokens (a mixed "
                                              "step, which the engine runs eagerly: no CUDA graph)");
+  app.add_flag("--serialize-mixed-attention", serialize_attention,
+               "mixed steps: the prefill and the decode attention one after the other (default: side by "
+               "side on two streams)");
   app.add_option("--markdown", markdown, "write the table here too");
   CLI11_PARSE(app, argc, argv);
   absl::StatusOr<ModelConfig> shape = NamedModelShape(model);
@@ -229,7 +234,8 @@ int main(int argc, char** argv) {
                                         : std::string())
      << " (dummy fp16 weights), batch "
      << batch << ", context " << ctx
-     << (prefill > 0 ? absl::StrCat(" + one sequence prefilling ", prefill, " tokens (mixed step, run eagerly)")
+     << (prefill > 0 ? absl::StrCat(" + one sequence prefilling ", prefill, " tokens (mixed step, run eagerly; "
+                                    "attention kernels ", serialize_attention ? "serialized" : "side by side", ")")
                      : std::string())
      << "; median of " << iters << " steps on rank 0" << (prefill > 0 ? "" : " (CUDA graphs)") << ", "
      << "all-reduce share from 5 eager steps\n\n";
@@ -253,7 +259,8 @@ int main(int argc, char** argv) {
         continue;
       }
       std::string error;
-      const Result r = RunOne(*shape, tp, *fmt, batch, ctx, iters, warmup, util, prefill, &error);
+      const Result r = RunOne(*shape, tp, *fmt, batch, ctx, iters, warmup, util, prefill,
+                                serialize_attention, &error);
       if (!error.empty()) {
         std::fprintf(stderr, "tp=%d %s: %s\n", tp, r.kv.c_str(), error.c_str());
         rc = 1;

@@ -61,6 +61,7 @@ struct RemoteEngineOptions {
   int32_t max_num_seqs = 0;
   int32_t max_num_tokens = 0;
   bool enforce_eager = false;
+  bool serialize_mixed_attention = false;
 };
 
 // What one rank reported.

@@ -198,6 +198,9 @@ int main(int argc, char** argv) {
   srv->add_option("--dtype", e.dtype, "weights: auto; --device cuda fp16 (auto) or bf16; --device cpu fp32 (auto) "
                   "or fp16 (half the bytes per token, in process)")->capture_default_str();
   srv->add_flag("--enforce-eager", e.enforce_eager, "--device cuda: no CUDA graphs");
+  srv->add_flag("--serialize-mixed-attention", e.serialize_mixed_attention,
+                "--device cuda: in steps with prompt chunks and one-token sequences, run the prefill "
+                "and the decode attention one after the other (default: side by side on two streams)");
   srv->add_option("--kv-cache-dtype", e.kv_cache_dtype,
                   "auto, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int8, int4")->capture_default_str();
   srv->add_option("--kv-scale-mode", e.kv_scale_mode, "none, static, dynamic (default per dtype)");

@@ -71,6 +71,12 @@ CudaEngine::~CudaEngine() {
   for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
   for (cudaEvent_t e : prof_events_) cudaEventDestroy(e);
   if (cublas_) cublasDestroy(cublas_);
+  if (side_stream_) {
+    cudaStreamSynchronize(side_stream_);
+    cudaStreamDestroy(side_stream_);
+  }
+  if (fork_event_) cudaEventDestroy(fork_event_);
+  if (join_event_) cudaEventDestroy(join_event_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -136,6 +142,15 @@ absl::Status CudaEngine::Init(const ModelConfig& config, const CudaEngineOptions
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
   CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, options.device));
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  if (options.overlap_mixed_attention) {
+    // Greatest priority = lowest number: the prefill attention's few, long
+    // thread blocks are dispatched before the decode attention's many short ones.
+    int least = 0, greatest = 0;
+    CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&side_stream_, cudaStreamNonBlocking, greatest));
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&fork_event_, cudaEventDisableTiming));
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&join_event_, cudaEventDisableTiming));
+  }
   CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
   CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
   max_blocks_per_seq_ = static_cast<int32_t>(

@@ -35,7 +35,8 @@
 // the scheduler has taken the minimum over the ranks.
 //
 // Threading: one engine is driven by one thread (the worker's engine thread);
-// all device work is on the engine's own stream.
+// all device work is on the engine's own stream, except the prefill attention
+// of mixed steps, which forks onto a side stream and joins back within the layer.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -75,6 +76,11 @@ struct CudaEngineOptions {
   // (RMSNorm, dtype conversion and SwiGLU folded into the projections)
   // instead of cuBLAS + element-wise kernels.
   bool fused_small_batch = true;
+  // Mixed steps (prompt chunks and one-token sequences together): the prefill
+  // attention runs on a second, higher-priority stream side by side with the
+  // decode attention (each alone fills only part of the GPU once the heads
+  // are sharded), joined before the output projection. Off: one after the other.
+  bool overlap_mixed_attention = true;
   int device = 0;
   // Tensor parallelism (see above). `collectives` (not owned) must be set
   // before the first step of a sharded engine: here or with set_collectives().
@@ -239,6 +245,8 @@ class CudaEngine final : public Engine {
   CudaMemoryReport memory_;
   cuda_ops::ActDtype act_ = cuda_ops::ActDtype::kFp16;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t side_stream_ = nullptr;  // mixed steps: the prefill attention
+  cudaEvent_t fork_event_ = nullptr, join_event_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   int num_sms_ = 0;
   int32_t max_blocks_per_seq_ = 0;

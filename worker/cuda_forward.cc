@@ -113,6 +113,19 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     a.softmax_scale = softmax_scale;
     if (p.decode_only) {
       CUDA_RETURN_IF_ERROR(cuda::PagedDecodeAttention(a, dplan, decode_ws_, stream_));
+    } else if (p.num_decode > 0 && p.num_decode < p.num_seqs && side_stream_ != nullptr) {
+      // Both kinds: the prefill attention (launched first, on the
+      // higher-priority side stream) and the decode attention write disjoint
+      // rows of attn_ and read the cache the RoPE/KV write above filled.
+      cuda::AttentionArgs da = a;
+      da.batch = dec_batch;
+      a.skip_single_token = true;
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_event_, stream_));
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_stream_, fork_event_, 0));
+      CUDA_RETURN_IF_ERROR(cuda::PagedPrefillAttention(a, p.max_new_tokens, side_stream_));
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(join_event_, side_stream_));
+      CUDA_RETURN_IF_ERROR(cuda::PagedDecodeAttention(da, dplan, decode_ws_, stream_));
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, join_event_, 0));
     } else {
       if (p.num_decode > 0) {
         cuda::AttentionArgs da = a;

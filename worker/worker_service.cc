@@ -483,6 +483,7 @@ class WorkerSession::Impl {
     if (init.max_num_tokens() > 0) co.max_num_tokens = init.max_num_tokens();
     co.max_num_tokens = std::max(co.max_num_tokens, co.max_num_seqs);
     if (init.enforce_eager()) co.graph_batch_sizes.clear();
+    co.overlap_mixed_attention = !init.serialize_mixed_attention();
     co.shard = spec;
     co.compute_logits = o_.rank == 0;
     co.defer_kv_allocation = true;
