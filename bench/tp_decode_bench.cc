@@ -55,8 +55,7 @@ struct Result {
 
 // One measurement: tp ranks, one KV format. Empty `error` on success.
 Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, int ctx, int iters,
-              int warmup, double util, int prefill, bool serialize_attention, bool no_gemm_tuning,
-              std::string* error) {
+              int warmup, double util, int prefill, bool serialize_attention, std::string* error) {
   Result res;
   res.tp = tp;
   res.kv = KvFormatName(fmt);
@@ -89,7 +88,6 @@ Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, 
     o.compute_logits = r == 0;
     o.defer_kv_allocation = true;
     o.overlap_mixed_attention = !serialize_attention;
-    o.tune_gemms = !no_gemm_tuning;
     auto e = CudaEngine::CreateDummy(shape, o, 1);
     if (!e.ok()) return fail(e.status());
     engines[r] = std::move(*e);
@@ -200,7 +198,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Tensor-parallel decode step benchmark (one process, one thread per GPU)"};
   std::string model = "llama-2-13b", tps_s = "1,2,4", kvs_s = "fp16,int8", markdown;
   int batch = 64, ctx = 2048, iters = 20, warmup = 3, layers = 0, prefill = 0;
-  bool serialize_attention = false, no_gemm_tuning = false;
+  bool serialize_attention = false;
   double util = 0.9;
   app.add_option("--model", model, "named shape (NamedModelShape)");
   app.add_option("--tp", tps_s, "tensor-parallel sizes");
@@ -217,7 +215,6 @@ int main(int argc, char** argv) {
   app.add_flag("--serialize-mixed-attention", serialize_attention,
                "mixed steps: the prefill and the decode attention one after the other (default: side by "
                "side on two streams)");
-  app.add_flag("--no-gemm-tuning", no_gemm_tuning, "cuBLAS's default GEMM algorithms (no start-up tuning)");
   app.add_option("--markdown", markdown, "write the table here too");
   CLI11_PARSE(app, argc, argv);
   absl::StatusOr<ModelConfig> shape = NamedModelShape(model);
@@ -235,8 +232,7 @@ int main(int argc, char** argv) {
   md << "Device: " << gpus << " x " << prop.name << "; model " << model
      << (shape->num_layers < all_layers ? absl::StrCat(" with ", shape->num_layers, " of ", all_layers, " layers")
                                         : std::string())
-     << " (dummy fp16 weights; GEMMs " << (no_gemm_tuning ? "cuBLAS default" : "tuned at start-up")
-     << "), batch "
+     << " (dummy fp16 weights), batch "
      << batch << ", context " << ctx
      << (prefill > 0 ? absl::StrCat(" + one sequence prefilling ", prefill, " tokens (mixed step, run eagerly; "
                                     "attention kernels ", serialize_attention ? "serialized" : "side by side", ")")
@@ -264,7 +260,7 @@ int main(int argc, char** argv) {
       }
       std::string error;
       const Result r = RunOne(*shape, tp, *fmt, batch, ctx, iters, warmup, util, prefill,
-                                serialize_attention, no_gemm_tuning, &error);
+                                serialize_attention, &error);
       if (!error.empty()) {
         std::fprintf(stderr, "tp=%d %s: %s\n", tp, r.kv.c_str(), error.c_str());
         rc = 1;

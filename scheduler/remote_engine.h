@@ -62,7 +62,6 @@ struct RemoteEngineOptions {
   int32_t max_num_tokens = 0;
   bool enforce_eager = false;
   bool serialize_mixed_attention = false;
-  bool no_gemm_tuning = false;
 };
 
 // What one rank reported.

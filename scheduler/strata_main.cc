@@ -201,10 +201,6 @@ int main(int argc, char** argv) {
   srv->add_flag("--serialize-mixed-attention", e.serialize_mixed_attention,
                 "--device cuda: in steps with prompt chunks and one-token sequences, run the prefill "
                 "and the decode attention one after the other (default: side by side on two streams)");
-  srv->add_flag("--no-gemm-tuning", e.no_gemm_tuning,
-                "--device cuda: cuBLAS's default GEMM algorithms everywhere (default: at start-up each "
-                "worker times cuBLASLt's candidates per projection and token count and keeps those 5% "
-                "faster; the choice can differ between restarts in the last bits of the results)");
   srv->add_option("--kv-cache-dtype", e.kv_cache_dtype,
                   "auto, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int8, int4")->capture_default_str();
   srv->add_option("--kv-scale-mode", e.kv_scale_mode, "none, static, dynamic (default per dtype)");

@@ -499,8 +499,6 @@ TEST(GpuMixedSteps, SideBySideAttentionMatchesSerialized) {
     CudaEngineOptions on = Options(fmt), off = Options(fmt);
     ASSERT_TRUE(on.overlap_mixed_attention);  // the default
     off.overlap_mixed_attention = false;
-    // Each engine times its GEMM candidates and may choose differently.
-    on.tune_gemms = off.tune_gemms = false;
     auto eo = MakeEngine(on);
     auto es = MakeEngine(off);
     ASSERT_TRUE(eo && es);

@@ -21,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=.gpu_session
-BINS_WORKER="kernels_cuda_ops_test gpu_golden_test worker_cuda_gemm_test gpu_decode_bench tp_decode_bench strata-worker worker_collectives_nccl_test"
+BINS_WORKER="kernels_cuda_ops_test gpu_golden_test gpu_decode_bench tp_decode_bench strata-worker worker_collectives_nccl_test"
 BINS_KERNELS="kernels_kv_cache_cuda_test decode_attention_bench"
 BINS_SCHED="strata serving_gpu_test"
 BINS_BENCH="strata-serving-bench"

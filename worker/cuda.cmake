@@ -7,13 +7,12 @@ include(${STRATA_ENGINE_ROOT}/kernels/cuda_ops/cuda_ops.cmake)
 
 add_library(strata_cuda_engine STATIC
   ${STRATA_WORKER_DIR}/cuda_engine.cc
-  ${STRATA_WORKER_DIR}/cuda_forward.cc
-  ${STRATA_WORKER_DIR}/cuda_gemm.cc)
+  ${STRATA_WORKER_DIR}/cuda_forward.cc)
 target_include_directories(strata_cuda_engine PUBLIC ${STRATA_ENGINE_ROOT})
 target_link_libraries(strata_cuda_engine PUBLIC
   strata_engine strata_cuda_ops strata_kernels_cuda strata_kv_view_util strata_kernels_cpu
   strata_model_io strata_sampling strata_block_manager strata_shard strata_collectives
-  CUDA::cudart CUDA::cublas CUDA::cublasLt)
+  CUDA::cudart CUDA::cublas)
 # Sharded engines wait on NCCL with its deadline (worker/tp.cmake defines the target).
 if(NCCL_LIBRARY)
   target_link_libraries(strata_cuda_engine PUBLIC strata_collectives_nccl)
@@ -36,9 +35,3 @@ if(NCCL_LIBRARY)
   add_executable(tp_decode_bench ${STRATA_ENGINE_ROOT}/bench/tp_decode_bench.cc)
   target_link_libraries(tp_decode_bench PRIVATE strata_cuda_engine strata_collectives_nccl CLI11::CLI11)
 endif()
-
-# The GEMM tuning's choices against cuBLAS's default. Skips without a GPU.
-strata_cc_test(worker_cuda_gemm_test
-  SRCS ${STRATA_WORKER_DIR}/cuda_gemm_test.cc
-  DEPS strata_cuda_engine
-  LABELS gpu)

@@ -361,41 +361,7 @@ absl::Status CudaEngine::AllocateArena() {
   cpu::FillRopeTable(c.rope_theta, c.head_dim, max_pos, cos.data(), sin.data());
   CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_cos_, cos.data(), cos.size() * 4, cudaMemcpyHostToDevice));
   CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_sin_, sin.data(), sin.size() * 4, cudaMemcpyHostToDevice));
-  RETURN_IF_ERROR(gemm_.Init(cublas_, stream_, act_ == ActDtype::kFp16 ? CUDA_R_16F : CUDA_R_16BF,
-                             cublas_ws_, static_cast<size_t>(cublas_ws_bytes_)));
-  return TuneGemms();
-}
 
-absl::Status CudaEngine::TuneGemms() {
-  if (!options_.tune_gemms || layers_.empty()) return absl::OkStatus();
-  // Every projection of a step (all layers share layer 0's shapes), as
-  // Forward / RowParallel / LogitsChunk call them, on arena buffers that are
-  // scratch until the first step, filled with random activations.
-  const ModelConfig& c = config_;
-  const int64_t d = c.hidden_size, q = c.q_size(), kv = c.kv_size(), f = c.intermediate_size;
-  const int64_t T = options_.max_num_tokens, R = options_.max_logit_rows;
-  const cudaDataType in = act_ == ActDtype::kFp16 ? CUDA_R_16F : CUDA_R_16BF;
-  const bool sharded = options_.shard.sharded();
-  const Layer& l0 = layers_[0];
-  using Job = CudaGemm::TuneJob;
-  // Row-parallel projections: sharded, a 16-bit partial (beta 0) into h_;
-  // unsharded, accumulated into the fp32 residual.
-  const cudaDataType row_out = sharded ? in : CUDA_R_32F;
-  const float row_beta = sharded ? 0.0f : 1.0f;
-  void* row_y = sharded ? h_ : static_cast<void*>(x_);
-  std::vector<Job> jobs = {
-      Job{q + 2 * kv, d, CUDA_R_32F, 0.0f, l0.wqkv, h_, qkv_, T},
-      Job{2 * f, d, in, 0.0f, l0.wgu, h_, gu_, T},
-      Job{d, q, row_out, row_beta, l0.wo, attn_t_, row_y, T},
-      Job{d, f, row_out, row_beta, l0.wdown, act_buf_, row_y, T},
-  };
-  if (options_.compute_logits) jobs.push_back(Job{c.vocab_size, d, CUDA_R_32F, 0.0f, lm_head_, hrows_, logits_, R});
-  CUDA_RETURN_IF_ERROR(cuda_ops::FillUniform(h_, act_, T * d, 11, -1.0f, 1.0f, stream_));
-  CUDA_RETURN_IF_ERROR(cuda_ops::FillUniform(attn_t_, act_, T * q, 12, -1.0f, 1.0f, stream_));
-  CUDA_RETURN_IF_ERROR(cuda_ops::FillUniform(act_buf_, act_, T * f, 13, -1.0f, 1.0f, stream_));
-  CUDA_RETURN_IF_ERROR(cuda_ops::FillUniform(hrows_, act_, R * d, 14, -1.0f, 1.0f, stream_));
-  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(x_, 0, T * d * sizeof(float), stream_));
-  ASSIGN_OR_RETURN(gemm_stats_, gemm_.Tune(jobs));
   return absl::OkStatus();
 }
 

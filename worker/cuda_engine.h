@@ -54,7 +54,6 @@
 #include "runtime/kv_quant_params.h"
 #include "runtime/weights.h"
 #include "worker/collectives.h"
-#include "worker/cuda_gemm.h"
 #include "worker/cuda_util.h"
 #include "worker/engine.h"
 #include "worker/shard.h"
@@ -82,11 +81,6 @@ struct CudaEngineOptions {
   // decode attention (each alone fills only part of the GPU once the heads
   // are sharded), joined before the output projection. Off: one after the other.
   bool overlap_mixed_attention = true;
-  // At creation, time cuBLAS's default against cuBLASLt's candidates for
-  // every projection at a ladder of token counts and keep the faster where
-  // it wins by 5% (worker/cuda_gemm.h; seconds for a 13b shape). Off: the
-  // default everywhere, and no run-to-run choice that could differ.
-  bool tune_gemms = true;
   int device = 0;
   // Tensor parallelism (see above). `collectives` (not owned) must be set
   // before the first step of a sharded engine: here or with set_collectives().
@@ -139,8 +133,6 @@ class CudaEngine final : public Engine {
   absl::Status AllocateKv(int32_t num_gpu_blocks, int32_t num_cpu_blocks);
   void set_collectives(Collectives* collectives) { options_.collectives = collectives; }
   const CudaMemoryReport& memory() const { return memory_; }
-  // What the GEMM tuning at creation did (zeros with tune_gemms off).
-  const CudaGemm::TuneStats& gemm_tuning() const { return gemm_stats_; }
   cudaStream_t stream() const { return stream_; }
   // One layer's device pool (tests and accuracy tools copy it back).
   const KvCacheView& cache_view(int layer) const { return views_[layer]; }
@@ -235,7 +227,6 @@ class CudaEngine final : public Engine {
   absl::Status Upload(const Plan& plan);
   // The forward pass over the plan's tokens (no host sync; graph-capturable).
   absl::Status Forward(const Plan& plan);
-  absl::Status TuneGemms();  // end of AllocateArena: the arena is scratch until the first step
   absl::Status Gemm(const void* x, const void* w, void* y, bool y_fp32, int64_t m, int64_t n,
                     int64_t k, bool accumulate);
   // LM head + sampling for rows [row0, row0 + rows) of the plan.
@@ -257,8 +248,6 @@ class CudaEngine final : public Engine {
   cudaStream_t side_stream_ = nullptr;  // mixed steps: the prefill attention
   cudaEvent_t fork_event_ = nullptr, join_event_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  CudaGemm gemm_;  // every projection; cublas_'s default where tuning kept it
-  CudaGemm::TuneStats gemm_stats_;
   int num_sms_ = 0;
   int32_t max_blocks_per_seq_ = 0;
   int64_t weight_bytes_read_ = 0;

@@ -18,7 +18,14 @@ absl::Status CudaEngine::Gemm(const void* x, const void* w, void* y, bool y_fp32
   // y^T[n][m] = w^T (op T on the [k][n] view) * x^T.
   if (m <= 0) return absl::OkStatus();
   const cudaDataType in = act_ == ActDtype::kFp16 ? CUDA_R_16F : CUDA_R_16BF;
-  return gemm_.Run(x, w, y, y_fp32 ? CUDA_R_32F : in, m, n, k, accumulate ? 1.0f : 0.0f);
+  const cudaDataType out = y_fp32 ? CUDA_R_32F : in;
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+                                      static_cast<int>(m), static_cast<int>(k), &alpha, w, in,
+                                      static_cast<int>(k), x, in, static_cast<int>(k), &beta, y,
+                                      out, static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
+  return absl::OkStatus();
 }
 
 absl::Status CudaEngine::Forward(const Plan& p) {

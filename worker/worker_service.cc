@@ -484,7 +484,6 @@ class WorkerSession::Impl {
     co.max_num_tokens = std::max(co.max_num_tokens, co.max_num_seqs);
     if (init.enforce_eager()) co.graph_batch_sizes.clear();
     co.overlap_mixed_attention = !init.serialize_mixed_attention();
-    co.tune_gemms = !init.no_gemm_tuning();
     co.shard = spec;
     co.compute_logits = o_.rank == 0;
     co.defer_kv_allocation = true;
@@ -518,12 +517,6 @@ class WorkerSession::Impl {
                  o_.rank, o_.world_size, device_name_, m.weights / 1048576.0, m.arena / 1048576.0,
                  m.free_before_kv / 1073741824.0, max_gpu_blocks_, e->kv_bytes_per_block(), max_cpu_blocks_,
                  MicrosSince(t0) / 1000);
-    if (co.tune_gemms) {
-      const CudaGemm::TuneStats& g = e->gemm_tuning();
-      spdlog::info("rank {}/{}: GEMM tuning in {:.0f} ms: cuBLASLt kept at {} of {} (projection, token count) "
-                   "points, est. {:.1f}% less GEMM time on average", o_.rank, o_.world_size, g.ms,
-                   g.lt_chosen, g.points, 100.0 * g.est_gain);
-    }
     cuda_ = e.get();
     engine_ = std::move(e);
     return absl::OkStatus();

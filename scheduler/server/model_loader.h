@@ -59,7 +59,6 @@ struct EngineConfig {
   int32_t max_num_batched_tokens = 0;  // cuda: the engine's per-step token budget (0 = default)
   bool enforce_eager = false;          // cuda: no CUDA graphs
   bool serialize_mixed_attention = false;  // cuda: mixed steps' two attention kernels one after the other
-  bool no_gemm_tuning = false;             // cuda: cuBLAS's default GEMM algorithms, no start-up timing
   // Worker processes.
   bool worker_processes = false;  // also for --tp 1
   // Workers started elsewhere (Kubernetes pods, other hosts): nothing is
