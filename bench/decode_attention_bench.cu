@@ -1,5 +1,5 @@
 // Decode attention benchmark: batch 64, 32 query heads, 8 kv heads, head_dim
-// 128, block 16, contexts 512 / 4096 / 32768, every KV format.
+// 128, block 16 (or --block-size), contexts 512 / 4096 / 32768, every KV format.
 //
 // Time: CUDA events around each call (decode kernel + split-K merge), after a
 // warm-up, median of many: calls queued back to back behind a GPU spin (the
@@ -21,6 +21,7 @@
 //   --sweep   also time partition sizes 256..2048 at contexts 512 and 4096
 //   --ctx N   only this context length (e.g. under a profiler)
 //   --iters N / --warmup N  timed / untimed calls per case
+//   --block-size N  tokens per cache block (default 16, the issue's shape)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -54,7 +55,8 @@ namespace sc = strata::cuda;
     }                                                                                \
   } while (0)
 
-constexpr int kBatch = 64, kHeads = 32, kKvHeads = 8, kHeadDim = 128, kBlock = 16;
+constexpr int kBatch = 64, kHeads = 32, kKvHeads = 8, kHeadDim = 128;
+int g_block = 16;  // tokens per cache block (--block-size)
 
 __device__ __forceinline__ uint32_t Hash(uint64_t x) {
   x ^= x >> 33;
@@ -230,8 +232,8 @@ struct Setup {
 // random data through WriteKvCache, and builds per-copy shuffled block tables.
 Setup MakeSetup(KvFormat f, int ctx, size_t l2_bytes) {
   Setup s;
-  s.view.layout = strata::MakeKvBlockLayout(f, kBlock, kKvHeads, kHeadDim);
-  s.blocks_per_seq = (ctx + kBlock - 1) / kBlock;
+  s.view.layout = strata::MakeKvBlockLayout(f, g_block, kKvHeads, kHeadDim);
+  s.blocks_per_seq = (ctx + g_block - 1) / g_block;
   const int64_t blocks_one = int64_t{kBatch} * s.blocks_per_seq;
   const double bytes_one = double(blocks_one) * s.view.layout.block_bytes;
   s.copies = std::max(1, static_cast<int>(std::ceil(4.0 * l2_bytes / bytes_one)));
@@ -253,7 +255,7 @@ Setup MakeSetup(KvFormat f, int ctx, size_t l2_bytes) {
     }
   }
   // Random K/V through the write kernel, in chunks of slots.
-  const int64_t slots = blocks * kBlock;
+  const int64_t slots = blocks * g_block;
   const int64_t chunk = 1 << 16;
   const int64_t row = int64_t{kKvHeads} * kHeadDim;
   float *k, *v;
@@ -400,6 +402,11 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--ctx") && i + 1 < argc) only_ctx = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters_override = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_warmup = std::atoi(argv[++i]);
+    if (!std::strcmp(argv[i], "--block-size") && i + 1 < argc) g_block = std::atoi(argv[++i]);
+  }
+  if (g_block < 1 || g_block > 4096 || (g_block & (g_block - 1)) != 0) {
+    std::fprintf(stderr, "--block-size %d: a power of two in [1, 4096]\n", g_block);
+    return 2;
   }
   int dev = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
@@ -410,7 +417,7 @@ int main(int argc, char** argv) {
               prop.l2CacheSize / 1e6);
   std::printf("cudaMemcpy D2D bandwidth (read+write): %.0f GB/s\n", copy_bw);
   std::printf("shape: batch %d, heads %d, kv heads %d, head_dim %d, block %d\n", kBatch, kHeads,
-              kKvHeads, kHeadDim, kBlock);
+              kKvHeads, kHeadDim, g_block);
   std::fflush(stdout);
 
   std::vector<Result> results;
