@@ -230,6 +230,16 @@ inline float Dot(const float* a, const float* b, int n) {
   return acc[0];
 }
 
+// x as computed, never fused into the add or subtract that uses it (with
+// -ffp-contract the compiler would decide per build and call site): the
+// integer K pass rounds z * sum(q) on its own in every path.
+inline float Unfused(float x) {
+#if defined(__x86_64__)
+  asm("" : "+x"(x));
+#endif
+  return x;
+}
+
 // q . c for one row of integer codes (int8: signed bytes, int4: nibbles,
 // low first), as floats; AVX-512 takes 16 codes at a time.
 template <class C>
@@ -298,6 +308,7 @@ struct Scratch {
   std::vector<float> sums;    // [rows]
   std::vector<float> row;     // [head_dim]
   std::vector<float> vblock;  // [block_size][head_dim]: a block's decoded V rows
+  std::vector<float> kblock;  // [16][head_dim]: decoded K rows (non-fp32 formats)
   std::vector<float> qsum;    // [rows]: sum of each query row (integer formats)
   std::vector<const float*> qrows;  // [rows]: query row r
 };
@@ -313,6 +324,71 @@ inline void PrefetchHeadRows(const KvCacheView& c, int32_t block, int h, bool is
   const int64_t bytes = int64_t{l.block_size} * l.token_bytes;
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, kLocality);
 }
+#if defined(__AVX512F__)
+// 128-bit lanes of a and b (the maskz form: GCC 12 flags the plain one's
+// undefined passthrough).
+template <int kImm>
+inline __m512 Shuf128(__m512 a, __m512 b) {
+  return _mm512_maskz_shuffle_f32x4(__mmask16(0xffff), a, b, kImm);
+}
+
+// The lane sums of 16 vectors, summed in the order of Dot's tree (lanes k and
+// k + 8, then k + 4, k + 2, k + 1), so each equals Dot's result bit for bit;
+// lane t of the result is the sum of v[t].
+inline __m512 LaneSums16(__m512 (&v)[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {  // lanes 0-7: v[2i]'s k + k+8; 8-15: v[2i+1]'s
+    b[i] = _mm512_add_ps(Shuf128<0x44>(v[2 * i], v[2 * i + 1]),
+                         Shuf128<0xEE>(v[2 * i], v[2 * i + 1]));
+  }
+  for (int j = 0; j < 4; ++j) {  // 128-bit lane L: vector 4j + L's k + k+4
+    c[j] = _mm512_add_ps(Shuf128<0x88>(b[2 * j], b[2 * j + 1]),
+                         Shuf128<0xDD>(b[2 * j], b[2 * j + 1]));
+  }
+  for (int m = 0; m < 2; ++m) {  // lane L: k + k+2 of vectors 8m + L, 8m + 4 + L
+    d[m] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * m], c[2 * m + 1], 0x44),
+                         _mm512_shuffle_ps(c[2 * m], c[2 * m + 1], 0xEE));
+  }
+  // Lane 4L + p: the sum of vector L + 4p.
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+  const __m512i to_row = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_maskz_permutexvar_ps(__mmask16(0xffff), to_row, e);
+}
+
+// out[t] = (q . rows[t]) * scale for t < n <= 16: the rows `stride` floats
+// apart, hd a multiple of 16. The same bits as Dot(q, rows[t], hd) * scale,
+// with the 16 dot products' loads and FMAs interleaved instead of one
+// dependent chain per row.
+inline void Dot16(const float* q, const float* rows, int64_t stride, int n, int hd, float scale,
+                  float* out) {
+  __m512 acc[16];
+  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+  for (int i = 0; i < hd; i += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + i);
+    for (int t = 0; t < n; ++t) acc[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + t * stride + i), acc[t]);
+  }
+  const __m512 r = _mm512_mul_ps(LaneSums16(acc), _mm512_set1_ps(scale));
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), r);
+}
+
+// out[t] = q . codes of row t for t < n <= 16 (rows `row_bytes` apart, hd a
+// multiple of 16): DotCodes of each row, bit for bit, 16 rows interleaved.
+template <class C>
+inline void DotCodes16(const float* q, const uint8_t* rows, int64_t row_bytes, int n, int hd, float* out) {
+  __m512 acc[16];
+  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+  for (int i = 0; i < hd; i += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + i);
+    for (int t = 0; t < n; ++t) {
+      const uint8_t* r = rows + t * row_bytes;
+      const __m512 c = C::kDtype == KvDtype::kInt8 ? Int8Codes16(r + i) : Int4Codes16(r + i / 2);
+      acc[t] = _mm512_fmadd_ps(qv, c, acc[t]);
+    }
+  }
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), LaneSums16(acc));
+}
+#endif
+
 // Blocks of K (pass 1) and V (pass 2) requested ahead of the one in use. At
 // batch 16 the cache of a step (24 MB for stories15M at ~100 positions) comes
 // from memory, as the streamed weights evict it: one block of lead left both
@@ -387,17 +463,61 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
     if constexpr (C::kHasZero) {
       // Integer codes: q . ((c - z) s) = s (q . c - z sum(q)), the dot product
       // taken on the codes directly (no decoded row).
+#if defined(__AVX512F__)
+      if (hd % 16 == 0) {  // 16 positions at a time, as below
+        for (int32_t j0 = b0; j0 < end; j0 += 16) {
+          const int cnt = std::min(16, end - j0);
+          const RowRef r0 = Row(cache, block, j0 - b0, it.kv_head, false);
+          float ks[16], kz[16], dots[16];
+          for (int t = 0; t < cnt; ++t) {
+            RowScale<C>(cache, Row(cache, block, j0 - b0 + t, it.kv_head, false), it.kv_head, false,
+                        &ks[t], &kz[t]);
+          }
+          for (int r = std::max(0, j0 - pos0) * group; r < rows; ++r) {
+            DotCodes16<C>(qrow[r], r0.data, l.token_bytes, cnt, hd, dots);
+            float* out_r = &sc.scores[static_cast<size_t>(r) * npos + j0];
+            for (int t = 0; t < cnt; ++t) {
+              out_r[t] = (dots[t] - Unfused(kz[t] * sc.qsum[r])) * ks[t] * softmax_scale;
+            }
+          }
+        }
+        continue;
+      }
+#endif
       for (int32_t j = b0; j < end; ++j) {
         const RowRef rr = Row(cache, block, j - b0, it.kv_head, false);
         float ks, kz;
         RowScale<C>(cache, rr, it.kv_head, false, &ks, &kz);
         for (int r = std::max(0, j - pos0) * group; r < rows; ++r) {
           const float dot = DotCodes<C>(qrow[r], rr.data, hd);
-          sc.scores[static_cast<size_t>(r) * npos + j] = (dot - kz * sc.qsum[r]) * ks * softmax_scale;
+          sc.scores[static_cast<size_t>(r) * npos + j] = (dot - Unfused(kz * sc.qsum[r])) * ks * softmax_scale;
         }
       }
       continue;
     }
+#if defined(__AVX512F__)
+    // 16 positions at a time (every row gets all of them: a score past a
+    // row's causal end is written but never read).
+    if (hd % 16 == 0) {
+      for (int32_t j0 = b0; j0 < end; j0 += 16) {
+        const int cnt = std::min(16, end - j0);
+        const float* k;
+        if constexpr (C::kDtype == KvDtype::kFp32) {
+          k = ReadRow<C>(cache, block, j0 - b0, it.kv_head, false, nullptr);  // rows contiguous
+        } else {
+          sc.kblock.resize(static_cast<size_t>(16) * hd);
+          for (int t = 0; t < cnt; ++t) {
+            ReadRow<C>(cache, block, j0 - b0 + t, it.kv_head, false, &sc.kblock[static_cast<size_t>(t) * hd]);
+          }
+          k = sc.kblock.data();
+        }
+        for (int r = std::max(0, j0 - pos0) * group; r < rows; ++r) {
+          Dot16(qrow[r], k, hd, cnt, hd, softmax_scale, &sc.scores[static_cast<size_t>(r) * npos + j0]);
+        }
+      }
+      continue;
+    }
+#endif
     for (int32_t j = b0; j < end; ++j) {
       const float* k = ReadRow<C>(cache, block, j - b0, it.kv_head, false, sc.row.data());
       for (int r = std::max(0, j - pos0) * group; r < rows; ++r) {
