@@ -289,6 +289,50 @@ inline void WeightedRows16(const float* p, const float* v, int64_t stride, int32
   for (int x = 0; x < 16; ++x) out[x] += (a0[x] + a1[x]) + (a2[x] + a3[x]);
 }
 
+// WeightedRows16 over hd (a multiple of 16) dims: with AVX-512, up to four
+// 16-dim chunks per pass over the rows, so each weight is broadcast once per
+// pass instead of once per chunk; the same operations per element (four
+// partial sums by position mod 4, then (a0 + a1) + (a2 + a3)), the same bits.
+#if defined(__AVX512F__)
+template <int K>
+inline void WeightedRowsK(const float* p, const float* v, int64_t stride, int32_t n, float* out) {
+  __m512 a[4][K];
+  for (int j = 0; j < 4; ++j) {
+    for (int k = 0; k < K; ++k) a[j][k] = _mm512_setzero_ps();
+  }
+  int32_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const __m512 w = _mm512_set1_ps(p[t + j]);
+      const float* r = v + (t + j) * stride;
+      for (int k = 0; k < K; ++k) a[j][k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16 * k), a[j][k]);
+    }
+  }
+  for (; t < n; ++t) {
+    const __m512 w = _mm512_set1_ps(p[t]);
+    for (int k = 0; k < K; ++k) a[0][k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + t * stride + 16 * k), a[0][k]);
+  }
+  for (int k = 0; k < K; ++k) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[0][k], a[1][k]), _mm512_add_ps(a[2][k], a[3][k]));
+    _mm512_storeu_ps(out + 16 * k, _mm512_add_ps(_mm512_loadu_ps(out + 16 * k), sum));
+  }
+}
+#endif
+
+inline void WeightedRows(const float* p, const float* v, int64_t stride, int32_t n, int hd, float* out) {
+  int d0 = 0;
+#if defined(__AVX512F__)
+  for (; d0 + 64 <= hd; d0 += 64) WeightedRowsK<4>(p, v + d0, stride, n, out + d0);
+  switch ((hd - d0) / 16) {
+    case 3: WeightedRowsK<3>(p, v + d0, stride, n, out + d0); return;
+    case 2: WeightedRowsK<2>(p, v + d0, stride, n, out + d0); return;
+    case 1: WeightedRowsK<1>(p, v + d0, stride, n, out + d0); return;
+    default: return;
+  }
+#endif
+  for (; d0 < hd; d0 += 16) WeightedRows16(p, v + d0, stride, n, out + d0);
+}
+
 inline void Axpy(float a, const float* x, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
@@ -552,7 +596,7 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
           const float* v = ReadRow<C>(cache, table[b0 / bs], 0, it.kv_head, true, nullptr);
           const int32_t cnt = std::min(len, b0 + bs) - b0;
           if (b0 + bs < len) PrefetchHeadRows(cache, table[(b0 + bs) / bs], it.kv_head, true);
-          for (int d0 = 0; d0 < hd; d0 += 16) WeightedRows16(p + b0, v + d0, hd, cnt, acc + d0);
+          WeightedRows(p + b0, v, hd, cnt, hd, acc);
         }
       }
       WriteRows(sc, rows, group, q0 + it.first, num_heads, it.kv_head, hd, out);
@@ -575,7 +619,7 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
         if (cnt <= 0) continue;
         const float* p = &sc.scores[static_cast<size_t>(r) * npos + b0];
         float* acc = &sc.acc[static_cast<size_t>(r) * hd];
-        for (int d0 = 0; d0 < hd; d0 += 16) WeightedRows16(p, &sc.vblock[d0], hd, cnt, acc + d0);
+        WeightedRows(p, sc.vblock.data(), hd, cnt, hd, acc);
       }
     }
     WriteRows(sc, rows, group, q0 + it.first, num_heads, it.kv_head, hd, out);
