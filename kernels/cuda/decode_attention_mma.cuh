@@ -41,6 +41,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "kernels/cuda/kv_device.cuh"
 #include "kernels/cuda/decode_attention_mma_operands.cuh"
 #include "kernels/cuda/mma_util.cuh"
@@ -440,11 +442,15 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   for (int b = 0; b < Cfg::kBlocks; ++b) acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = 0.0f;
 
   // ---- per-tile steps (shared by the loops below) ----
+  // `masked` (std::true_type / std::false_type, warp-uniform): whether the
+  // tile may hold rows past the context (the last tile of the partition, or
+  // the phantom tile of a pair), which then need the selects below; every
+  // other tile skips them.
   // Logits of a staged tile: lg[r][k] = token tok0 + g + 8r, head 2c + k
   // (D[16 tokens x 8 heads] = K Q^T); -inf past the context.
-  auto tile_logits = [&](const uint8_t* sk, const uint8_t* sm, int tok0, float (&lg)[2][2]) {
-    float kscale[2] = {1.0f, 1.0f};
-    uint32_t kzb[2] = {0u, 0u};
+  auto tile_logits = [&](const uint8_t* sk, const uint8_t* sm, int tok0, float (&lg)[2][2], auto masked) {
+    [[maybe_unused]] float kscale[2] = {1.0f, 1.0f};  // (dynamic mode)
+    [[maybe_unused]] uint32_t kzb[2] = {0u, 0u};      // (dynamic integer formats)
     if constexpr (kDynamic) {
       const unsigned short* ks = reinterpret_cast<const unsigned short*>(sm);
 #pragma unroll
@@ -506,7 +512,11 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         if constexpr (kStatic && kInt) x = fmaf(-static_kz, qsum[k], x);
         if constexpr (kStatic) x *= static_ks;
         if constexpr (kDynamic) x *= kscale[r];
-        lg[r][k] = valid ? x : -INFINITY;  // a select: stale rows may hold NaN codes
+        if constexpr (decltype(masked)::value) {
+          lg[r][k] = valid ? x : -INFINITY;  // a select: stale rows may hold NaN codes
+        } else {
+          lg[r][k] = x;
+        }
       }
     }
   };
@@ -545,27 +555,35 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
   };
   // Weights of head 2c + k of a tile into the transpose (columns col + g + 8r).
   auto tile_weights = [&](int k, const float (&lg)[2][2], const float (&vscale)[2],
-                          const float (&vz)[2], int col) {
+                          const float (&vz)[2], int col, auto masked) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float e = Exp2Ftz(lg[r][k] - ref[k]);  // 0 past the context
       lsum[k] += e;
       float w = e * kWeightScale;
-      if constexpr (kDynamic) w = lg[r][k] > -INFINITY ? w * vscale[r] : 0.0f;
+      if constexpr (kDynamic) {
+        if constexpr (decltype(masked)::value) {
+          w = lg[r][k] > -INFINITY ? w * vscale[r] : 0.0f;  // a stale row's scale may be NaN
+        } else {
+          w *= vscale[r];
+        }
+      }
       if constexpr (kRaw) zsum[k] = fmaf(w, vz[r], zsum[k]);
       trans[(2 * c + k) * Smem::kTransStride + col + g + 8 * r] = w;
     }
   };
   // O^T[16 dims x 8 heads] += V^T[16 dims x 16 tokens] P^T; wv = weights of
   // head g for tokens tok0 + 4c .. 4c + 3 (B operand).
-  auto tile_pv = [&](const uint8_t* sv, const uint8_t* sm, int tok0, const float4 wv) {
+  auto tile_pv = [&](const uint8_t* sv, const uint8_t* sm, int tok0, const float4 wv, auto masked) {
     uint32_t vw[4][Cfg::kUpl];
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
       LdsVRow<Cfg>(sv, 4 * c + t, g, vw[t]);
-      if (tok0 + 4 * c + t >= n) {
+      if constexpr (decltype(masked)::value) {
+        if (tok0 + 4 * c + t >= n) {
 #pragma unroll
-        for (int k = 0; k < Cfg::kUpl; ++k) vw[t][k] = 0u;  // stale rows: finite codes
+          for (int k = 0; k < Cfg::kUpl; ++k) vw[t][k] = 0u;  // stale rows: finite codes
+        }
       }
     }
     uint32_t bh0, bl0, bh1, bl1;
@@ -614,22 +632,28 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       const uint8_t* sv = sk + Cfg::kTileBytes;
       const uint8_t* sm = sv + Cfg::kTileBytes;
       const int tok0 = (warp + i * kMmaWarps) * 16;  // partition-relative; tok0 < n
+      auto step = [&](auto masked) {
+        float lg[2][2];
+        tile_logits(sk, sm, tok0, lg, masked);
 
-      float lg[2][2];
-      tile_logits(sk, sm, tok0, lg);
-
-      // ---- online softmax: weights of this tile ----
-      float vscale[2] = {1.0f, 1.0f}, vexp[2] = {0.0f, 0.0f}, vz[2] = {0.0f, 0.0f};
-      tile_vmeta(sm, vscale, vexp, vz);
+        // ---- online softmax: weights of this tile ----
+        float vscale[2] = {1.0f, 1.0f}, vexp[2] = {0.0f, 0.0f}, vz[2] = {0.0f, 0.0f};
+        tile_vmeta(sm, vscale, vexp, vz);
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        update_ref(k, fmaxf(lg[0][k] + vexp[0], lg[1][k] + vexp[1]));
-        tile_weights(k, lg, vscale, vz, 0);
+        for (int k = 0; k < 2; ++k) {
+          update_ref(k, fmaxf(lg[0][k] + vexp[0], lg[1][k] + vexp[1]));
+          tile_weights(k, lg, vscale, vz, 0, masked);
+        }
+        __syncwarp();
+        // Weights of head g for tokens tok0 + 4c .. 4c + 3 (B operand of the V pass).
+        const float4 wv = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
+        tile_pv(sv, sm, tok0, wv, masked);
+      };
+      if (tok0 + 16 <= n) {
+        step(std::false_type{});
+      } else {
+        step(std::true_type{});
       }
-      __syncwarp();
-      // Weights of head g for tokens tok0 + 4c .. 4c + 3 (B operand of the V pass).
-      const float4 wv = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
-      tile_pv(sv, sm, tok0, wv);
       rd_slot = rd_slot + 1 == kS ? 0 : rd_slot + 1;
       __syncwarp();  // all lanes are done with this slot and with `trans`
     }
@@ -657,9 +681,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       const int tok_a = (warp + i * kMmaWarps) * 16;  // partition-relative; tok_a < n
       const int tok_b = tok_a + kMmaWarps * 16;
 
+      auto step = [&](auto masked) {
       float lg_a[2][2], lg_b[2][2];
-      tile_logits(sk_a, sm_a, tok_a, lg_a);
-      tile_logits(sk_b, sm_b, tok_b, lg_b);
+      tile_logits(sk_a, sm_a, tok_a, lg_a, masked);
+      tile_logits(sk_b, sm_b, tok_b, lg_b, masked);
 
       // ---- online softmax: one reference update for both tiles ----
       float vscale_a[2] = {1.0f, 1.0f}, vexp_a[2] = {0.0f, 0.0f}, vz_a[2] = {0.0f, 0.0f};
@@ -671,15 +696,22 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
         // lg_b is -inf for a phantom tile, so the max is that of tile a alone.
         update_ref(k, fmaxf(fmaxf(lg_a[0][k] + vexp_a[0], lg_a[1][k] + vexp_a[1]),
                             fmaxf(lg_b[0][k] + vexp_b[0], lg_b[1][k] + vexp_b[1])));
-        tile_weights(k, lg_a, vscale_a, vz_a, 0);
-        tile_weights(k, lg_b, vscale_b, vz_b, 16);
+        tile_weights(k, lg_a, vscale_a, vz_a, 0, masked);
+        tile_weights(k, lg_b, vscale_b, vz_b, 16, masked);
       }
       __syncwarp();
       const float4 wv_a = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
       const float4 wv_b =
           *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 16 + 4 * c);
-      tile_pv(sk_a + Cfg::kTileBytes, sm_a, tok_a, wv_a);
-      tile_pv(sk_b + Cfg::kTileBytes, sm_b, tok_b, wv_b);
+      tile_pv(sk_a + Cfg::kTileBytes, sm_a, tok_a, wv_a, masked);
+      tile_pv(sk_b + Cfg::kTileBytes, sm_b, tok_b, wv_b, masked);
+      };
+      // Tile b is the later one: both full, or the selects for both.
+      if (tok_b + 16 <= n) {
+        step(std::false_type{});
+      } else {
+        step(std::true_type{});
+      }
       rd_slot = rd_b + 1 == kS ? 0 : rd_b + 1;
       __syncwarp();  // all lanes are done with these slots and with `trans`
     }
