@@ -682,29 +682,29 @@ __global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodePa
       const int tok_b = tok_a + kMmaWarps * 16;
 
       auto step = [&](auto masked) {
-      float lg_a[2][2], lg_b[2][2];
-      tile_logits(sk_a, sm_a, tok_a, lg_a, masked);
-      tile_logits(sk_b, sm_b, tok_b, lg_b, masked);
+        float lg_a[2][2], lg_b[2][2];
+        tile_logits(sk_a, sm_a, tok_a, lg_a, masked);
+        tile_logits(sk_b, sm_b, tok_b, lg_b, masked);
 
-      // ---- online softmax: one reference update for both tiles ----
-      float vscale_a[2] = {1.0f, 1.0f}, vexp_a[2] = {0.0f, 0.0f}, vz_a[2] = {0.0f, 0.0f};
-      float vscale_b[2] = {1.0f, 1.0f}, vexp_b[2] = {0.0f, 0.0f}, vz_b[2] = {0.0f, 0.0f};
-      tile_vmeta(sm_a, vscale_a, vexp_a, vz_a);
-      tile_vmeta(sm_b, vscale_b, vexp_b, vz_b);
+        // ---- online softmax: one reference update for both tiles ----
+        float vscale_a[2] = {1.0f, 1.0f}, vexp_a[2] = {0.0f, 0.0f}, vz_a[2] = {0.0f, 0.0f};
+        float vscale_b[2] = {1.0f, 1.0f}, vexp_b[2] = {0.0f, 0.0f}, vz_b[2] = {0.0f, 0.0f};
+        tile_vmeta(sm_a, vscale_a, vexp_a, vz_a);
+        tile_vmeta(sm_b, vscale_b, vexp_b, vz_b);
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        // lg_b is -inf for a phantom tile, so the max is that of tile a alone.
-        update_ref(k, fmaxf(fmaxf(lg_a[0][k] + vexp_a[0], lg_a[1][k] + vexp_a[1]),
-                            fmaxf(lg_b[0][k] + vexp_b[0], lg_b[1][k] + vexp_b[1])));
-        tile_weights(k, lg_a, vscale_a, vz_a, 0, masked);
-        tile_weights(k, lg_b, vscale_b, vz_b, 16, masked);
-      }
-      __syncwarp();
-      const float4 wv_a = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
-      const float4 wv_b =
-          *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 16 + 4 * c);
-      tile_pv(sk_a + Cfg::kTileBytes, sm_a, tok_a, wv_a, masked);
-      tile_pv(sk_b + Cfg::kTileBytes, sm_b, tok_b, wv_b, masked);
+        for (int k = 0; k < 2; ++k) {
+          // lg_b is -inf for a phantom tile, so the max is that of tile a alone.
+          update_ref(k, fmaxf(fmaxf(lg_a[0][k] + vexp_a[0], lg_a[1][k] + vexp_a[1]),
+                              fmaxf(lg_b[0][k] + vexp_b[0], lg_b[1][k] + vexp_b[1])));
+          tile_weights(k, lg_a, vscale_a, vz_a, 0, masked);
+          tile_weights(k, lg_b, vscale_b, vz_b, 16, masked);
+        }
+        __syncwarp();
+        const float4 wv_a = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
+        const float4 wv_b =
+            *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 16 + 4 * c);
+        tile_pv(sk_a + Cfg::kTileBytes, sm_a, tok_a, wv_a, masked);
+        tile_pv(sk_b + Cfg::kTileBytes, sm_b, tok_b, wv_b, masked);
       };
       // Tile b is the later one: both full, or the selects for both.
       if (tok_b + 16 <= n) {
