@@ -324,13 +324,14 @@ inline void WeightedRows(const float* p, const float* v, int64_t stride, int32_t
 #if defined(__AVX512F__)
   for (; d0 + 64 <= hd; d0 += 64) WeightedRowsK<4>(p, v + d0, stride, n, out + d0);
   switch ((hd - d0) / 16) {
-    case 3: WeightedRowsK<3>(p, v + d0, stride, n, out + d0); return;
-    case 2: WeightedRowsK<2>(p, v + d0, stride, n, out + d0); return;
-    case 1: WeightedRowsK<1>(p, v + d0, stride, n, out + d0); return;
-    default: return;
+    case 3: WeightedRowsK<3>(p, v + d0, stride, n, out + d0); break;
+    case 2: WeightedRowsK<2>(p, v + d0, stride, n, out + d0); break;
+    case 1: WeightedRowsK<1>(p, v + d0, stride, n, out + d0); break;
+    default: break;
   }
-#endif
+#else
   for (; d0 < hd; d0 += 16) WeightedRows16(p, v + d0, stride, n, out + d0);
+#endif
 }
 
 inline void Axpy(float a, const float* x, float* y, int n) {
