@@ -112,6 +112,11 @@ inline __m512 Int4Codes16(const uint8_t* data) {
       _mm512_set1_epi32(15));
   return _mm512_maskz_cvtepi32_ps(all, c);
 }
+// Codes i .. i + 15 of an int8 or int4 row, as floats.
+template <class C>
+inline __m512 Codes16(const uint8_t* row, int i) {
+  return C::kDtype == KvDtype::kInt8 ? Int8Codes16(row + i) : Int4Codes16(row + i / 2);
+}
 #endif
 
 template <class C>
@@ -248,10 +253,7 @@ inline float DotCodes(const float* q, const uint8_t* data, int hd) {
   float tail = 0.0f;
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= hd; i += 16) {
-    const __m512 c = C::kDtype == KvDtype::kInt8 ? Int8Codes16(data + i) : Int4Codes16(data + i / 2);
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), c, acc);
-  }
+  for (; i + 16 <= hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), Codes16<C>(data, i), acc);
   alignas(64) float lanes[16];  // (not _mm512_reduce_add_ps: GCC 12 flags its passthrough)
   _mm512_store_ps(lanes, acc);
   for (int w = 8; w >= 1; w /= 2) {
@@ -400,37 +402,23 @@ inline __m512 LaneSums16(__m512 (&v)[16]) {
   return _mm512_maskz_permutexvar_ps(__mmask16(0xffff), to_row, e);
 }
 
-// out[t] = (q . rows[t]) * scale for t < n <= 16: the rows `stride` floats
-// apart, hd a multiple of 16. The same bits as Dot(q, rows[t], hd) * scale,
-// with the 16 dot products' loads and FMAs interleaved instead of one
-// dependent chain per row.
-inline void Dot16(const float* q, const float* rows, int64_t stride, int n, int hd, float scale,
-                  float* out) {
+// The dot products of q with rows t < n <= 16 (hd a multiple of 16), lane t
+// of the result; row(t, i) gives dims i .. i + 15 of row t. Each sum has the
+// bits of the one-row version (Dot, DotCodes): the same FMAs per lane and
+// LaneSums16's tree, with the 16 rows' loads and FMAs interleaved instead of
+// one dependent chain per row.
+template <class RowChunk>
+inline __m512 Dots16(const float* q, int n, int hd, RowChunk row) {
   __m512 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
   for (int i = 0; i < hd; i += 16) {
     const __m512 qv = _mm512_loadu_ps(q + i);
-    for (int t = 0; t < n; ++t) acc[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + t * stride + i), acc[t]);
+    for (int t = 0; t < n; ++t) acc[t] = _mm512_fmadd_ps(qv, row(t, i), acc[t]);
   }
-  const __m512 r = _mm512_mul_ps(LaneSums16(acc), _mm512_set1_ps(scale));
-  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), r);
+  return LaneSums16(acc);
 }
-
-// out[t] = q . codes of row t for t < n <= 16 (rows `row_bytes` apart, hd a
-// multiple of 16): DotCodes of each row, bit for bit, 16 rows interleaved.
-template <class C>
-inline void DotCodes16(const float* q, const uint8_t* rows, int64_t row_bytes, int n, int hd, float* out) {
-  __m512 acc[16];
-  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-  for (int i = 0; i < hd; i += 16) {
-    const __m512 qv = _mm512_loadu_ps(q + i);
-    for (int t = 0; t < n; ++t) {
-      const uint8_t* r = rows + t * row_bytes;
-      const __m512 c = C::kDtype == KvDtype::kInt8 ? Int8Codes16(r + i) : Int4Codes16(r + i / 2);
-      acc[t] = _mm512_fmadd_ps(qv, c, acc[t]);
-    }
-  }
-  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), LaneSums16(acc));
+inline void StoreFirst(float* out, int n, __m512 v) {
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), v);
 }
 #endif
 
@@ -480,6 +468,7 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
   sc.acc.assign(static_cast<size_t>(rows) * hd, 0.0f);
   sc.sums.resize(rows);
   sc.row.resize(hd);
+  if constexpr (C::kDtype != KvDtype::kFp32 && !C::kHasZero) sc.kblock.resize(static_cast<size_t>(16) * hd);
   if constexpr (C::kHasZero) {
     sc.qsum.resize(rows);
     for (int r = 0; r < rows; ++r) {
@@ -519,7 +508,9 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
                         &ks[t], &kz[t]);
           }
           for (int r = std::max(0, j0 - pos0) * group; r < rows; ++r) {
-            DotCodes16<C>(qrow[r], r0.data, l.token_bytes, cnt, hd, dots);
+            StoreFirst(dots, cnt, Dots16(qrow[r], cnt, hd, [&](int t, int i) {
+              return Codes16<C>(r0.data + t * l.token_bytes, i);
+            }));
             float* out_r = &sc.scores[static_cast<size_t>(r) * npos + j0];
             for (int t = 0; t < cnt; ++t) {
               out_r[t] = (dots[t] - Unfused(kz[t] * sc.qsum[r])) * ks[t] * softmax_scale;
@@ -550,14 +541,16 @@ void AttendTile(const KvCacheView& cache, const PagedBatchView& batch, const Wor
         if constexpr (C::kDtype == KvDtype::kFp32) {
           k = ReadRow<C>(cache, block, j0 - b0, it.kv_head, false, nullptr);  // rows contiguous
         } else {
-          sc.kblock.resize(static_cast<size_t>(16) * hd);
           for (int t = 0; t < cnt; ++t) {
             ReadRow<C>(cache, block, j0 - b0 + t, it.kv_head, false, &sc.kblock[static_cast<size_t>(t) * hd]);
           }
           k = sc.kblock.data();
         }
         for (int r = std::max(0, j0 - pos0) * group; r < rows; ++r) {
-          Dot16(qrow[r], k, hd, cnt, hd, softmax_scale, &sc.scores[static_cast<size_t>(r) * npos + j0]);
+          const __m512 d =
+              Dots16(qrow[r], cnt, hd, [&](int t, int i) { return _mm512_loadu_ps(k + t * hd + i); });
+          StoreFirst(&sc.scores[static_cast<size_t>(r) * npos + j0], cnt,
+                     _mm512_mul_ps(d, _mm512_set1_ps(softmax_scale)));
         }
       }
       continue;
