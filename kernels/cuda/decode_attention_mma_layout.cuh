@@ -81,18 +81,25 @@ struct MmaCfg {
   static constexpr int kTileChunks = kTileBytes / 16;
   static constexpr bool kDynamic = M == KvScaleMode::kDynamic;
   static constexpr int kMetaBytes = kDynamic ? (KvDtypeIsInteger(D) ? 96 : 64) : 0;
-  static constexpr int kSlotBytes = 2 * kTileBytes + kMetaBytes;
+  // Slots start on a 128-byte grid: a dynamic tile's 64 or 96 bytes of
+  // metadata would otherwise shift every later slot of the ring off it (int8:
+  // slot bases at 96 mod 128). Measured on an H100 (batch 64, 4K context, old
+  // and new binaries alternately): int8 dynamic 200.7-201.2 -> 196.0-197.1 us,
+  // fp8 e4m3 dynamic 196.8-198.1 -> 193.8-193.9, int4 116.2-118.6 -> 112.5-113.2
+  // (with the ring rule below); static formats have 4096-byte slots already
+  // (bench/results/decode_attention_2026-11-27_h100.md).
+  static constexpr int kSlotBytes = (2 * kTileBytes + kMetaBytes + 127) / 128 * 128;
   // Slots per warp: ~8 KB per warp stays in flight while one tile is computed
   // (the previous kernel, with <= 8 KB in registers and none while computing,
   // was latency-bound; 12 KB, at 3 thread blocks per SM, measured on an H100:
-  // no faster at 4K context, 10-20% slower at 512).
-  // Tile pairs (STRATA_MMA_TILE_PAIRS): two slots are read per iteration, so
-  // one more slot keeps the same bytes in flight (int4, head_dim 128: 6 slots).
+  // no faster at 4K context, 10-20% slower at 512). Tile pairs
+  // (STRATA_MMA_TILE_PAIRS) read two slots per iteration and follow the same
+  // rule, so ~2 KB less is in flight while a pair is computed (int4, head_dim
+  // 128: 5 slots of 2176 bytes; six would not fit 4 thread blocks per SM).
   static constexpr bool kPairs =
       STRATA_MMA_TILE_PAIRS && kDynamic && D == KvDtype::kInt4;
-  static constexpr int kStages =
-      kPairs ? ClampInt(2 + (8192 + kSlotBytes - 1) / kSlotBytes, 3, 10)
-             : ClampInt(1 + (8192 + kSlotBytes - 1) / kSlotBytes, 2, 8);
+  static constexpr int kStages = ClampInt(1 + (8192 + kSlotBytes - 1) / kSlotBytes, kPairs ? 4 : 2,
+                                          kPairs ? 10 : 8);
   // 128-byte rows (head_dim 128, 8-bit): 16-byte chunk c of row r is stored at
   // c ^ Swz(r), which makes both the K-pass reads (rows g, chunks 2c, 2c+1)
   // and the V-pass reads (rows 4c+i, chunk g) free of bank conflicts. Other
@@ -112,7 +119,8 @@ template <class Cfg, int G, int HD>
 struct MmaSmem {
   static constexpr int kRing = Cfg::kStages * Cfg::kSlotBytes;
   static constexpr int kRed = G * HD * 4;
-  static constexpr int kWarpBytes = ((kRing > kRed ? kRing : kRed) + 15) / 16 * 16;
+  static constexpr int kWarpBytes =  // each warp's ring on the slots' 128-byte grid
+      ((kRing > kRed ? kRing : kRed) + 127) / 128 * 128;
   // Floats per head: conflict-free transposed writes (tile pairs: tile t at
   // columns 16 t of a 36-float row; 72 c mod 32 = 8 c keeps the writes apart).
   static constexpr int kTransStride = Cfg::kPairs ? 36 : 20;
