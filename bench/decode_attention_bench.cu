@@ -22,6 +22,12 @@
 //   --ctx N   only this context length (e.g. under a profiler)
 //   --iters N / --warmup N  timed / untimed calls per case
 //   --block-size N  tokens per cache block (default 16, the issue's shape)
+//   --mixed   only the attention of mixed steps at tensor-parallel shard head
+//             counts (llama-2-13b: 40 heads, no GQA; 20 / 10 per rank at tp=2 / 4):
+//             the prefill kernel on the whole batch (one-token sequences
+//             skipped) and on the multi-token sequences alone (seq_index), the
+//             decode kernel on the one-token sub-batch, and both as the engine
+//             runs them (side by side on two streams, and one after the other)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -389,16 +395,153 @@ double TimePrefill(Setup& s, int ctx, int chunk, int nseq, int iters) {
   return ms * 1e3;
 }
 
+// The attention of a mixed step as the engine runs it: `ndec` one-token
+// sequences at context `dctx` and one sequence with `pnew` new tokens ending at
+// context `pctx` (the batch's last), `heads` query = kv heads, head_dim 128.
+void TimeMixed(KvFormat f, const char* fname, int heads, int ndec, int dctx, int pnew, int pctx,
+               int num_sms, int iters) {
+  strata::KvCacheView view;
+  view.layout = strata::MakeKvBlockLayout(f, g_block, heads, kHeadDim);
+  const int mbps = (std::max(dctx, pctx) + g_block - 1) / g_block;
+  const int nseq = ndec + 1;
+  const int nblocks = nseq * mbps;
+  view.num_blocks = nblocks;
+  CHECK_CUDA(cudaMalloc(&view.pool, size_t(nblocks) * view.layout.block_bytes));
+  {  // every slot written through the write kernel (real codes, scales, zero points)
+    const int64_t slots = int64_t{nblocks} * g_block, row = int64_t{heads} * kHeadDim;
+    float *k, *v;
+    int64_t* sm;
+    CHECK_CUDA(cudaMalloc(&k, slots * row * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&v, slots * row * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&sm, slots * sizeof(int64_t)));
+    FillRandom<<<1024, 256>>>(k, slots * row, 5, kHeadDim);
+    FillRandom<<<1024, 256>>>(v, slots * row, 6, kHeadDim);
+    Iota<<<256, 256>>>(sm, slots, 0);
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(sc::WriteKvCache(view, k, v, sm, static_cast<int32_t>(slots), nullptr));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    CHECK_CUDA(cudaFree(k));
+    CHECK_CUDA(cudaFree(v));
+    CHECK_CUDA(cudaFree(sm));
+  }
+  std::vector<int32_t> tables(size_t(nseq) * mbps), ctx(nseq), qs(nseq + 1), dec_rows(ndec);
+  std::vector<int32_t> ids(nblocks);
+  for (int i = 0; i < nblocks; ++i) ids[i] = i;
+  uint64_t rng = 99;
+  for (int i = nblocks - 1; i > 0; --i) {
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    std::swap(ids[i], ids[(rng >> 33) % (i + 1)]);
+  }
+  std::copy(ids.begin(), ids.end(), tables.begin());
+  int t = 0;
+  for (int s = 0; s < nseq; ++s) {
+    qs[s] = t;
+    ctx[s] = s == ndec ? pctx : dctx;
+    t += s == ndec ? pnew : 1;
+    if (s < ndec) dec_rows[s] = qs[s];
+  }
+  qs[nseq] = t;
+  const int32_t pf_index = ndec;
+  auto upload = [](const std::vector<int32_t>& h) {
+    int32_t* d;
+    CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(int32_t)));
+    CHECK_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+    return d;
+  };
+  int32_t* d_tab = upload(tables);
+  int32_t* d_ctx = upload(ctx);
+  int32_t* d_qs = upload(qs);
+  int32_t* d_rows = upload(dec_rows);
+  int32_t* d_pf = upload({pf_index});
+  std::vector<int32_t> dec_tab(tables.begin(), tables.begin() + size_t(ndec) * mbps);
+  int32_t* d_dtab = upload(dec_tab);
+  std::vector<int32_t> dctxs(ctx.begin(), ctx.begin() + ndec);
+  int32_t* d_dctx = upload(dctxs);
+  const size_t qn = size_t(t) * heads * kHeadDim;
+  float *q, *out;
+  CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&out, qn * sizeof(float)));
+  FillRandom<<<256, 256>>>(q, qn, 77, kHeadDim);
+  CHECK_CUDA(cudaGetLastError());
+  sc::AttentionArgs a;
+  a.cache = view;
+  a.query = q;
+  a.out = out;
+  a.num_heads = heads;
+  a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
+  a.batch.num_seqs = nseq;
+  a.batch.num_tokens = t;
+  a.batch.max_blocks_per_seq = mbps;
+  a.batch.block_tables = d_tab;
+  a.batch.context_lens = d_ctx;
+  a.batch.query_start = d_qs;
+  a.skip_single_token = true;
+  sc::AttentionArgs ai = a;  // thread blocks for the multi-token sequence only
+  ai.seq_index = d_pf;
+  ai.num_indexed_seqs = 1;
+  sc::AttentionArgs da = a;  // the one-token sub-batch, outputs in place
+  da.skip_single_token = false;
+  da.batch.num_seqs = da.batch.num_tokens = ndec;
+  da.batch.query_start = d_rows;
+  da.batch.context_lens = d_dctx;
+  da.batch.block_tables = d_dtab;
+  const sc::DecodePlan plan = sc::PlanDecode(view, ndec, heads, dctx, num_sms);
+  void* ws = nullptr;
+  if (plan.workspace_bytes > 0) CHECK_CUDA(cudaMalloc(&ws, plan.workspace_bytes));
+  int lo = 0, hi = 0;
+  CHECK_CUDA(cudaDeviceGetStreamPriorityRange(&lo, &hi));
+  cudaStream_t side;
+  CHECK_CUDA(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, hi));
+  cudaEvent_t fork, join;
+  CHECK_CUDA(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+  CHECK_CUDA(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+  auto side_by_side = [&](const sc::AttentionArgs& pa) {
+    CHECK_CUDA(cudaEventRecord(fork, nullptr));
+    CHECK_CUDA(cudaStreamWaitEvent(side, fork, 0));
+    CHECK_CUDA(sc::PagedPrefillAttention(pa, pnew, side));
+    CHECK_CUDA(cudaEventRecord(join, side));
+    CHECK_CUDA(sc::PagedDecodeAttention(da, plan, ws, nullptr));
+    CHECK_CUDA(cudaStreamWaitEvent(nullptr, join, 0));
+  };
+  auto us = [&](auto call) { return TimeCalls(g_warmup, iters, [&](int) { call(); }).queued_ms * 1e3; };
+  const double pf_all = us([&] { CHECK_CUDA(sc::PagedPrefillAttention(a, pnew, nullptr)); });
+  const double pf_idx = us([&] { CHECK_CUDA(sc::PagedPrefillAttention(ai, pnew, nullptr)); });
+  const double dec = us([&] { CHECK_CUDA(sc::PagedDecodeAttention(da, plan, ws, nullptr)); });
+  const double sbs_all = us([&] { side_by_side(a); });
+  const double sbs_idx = us([&] { side_by_side(ai); });
+  const double ser_all = us([&] {
+    CHECK_CUDA(sc::PagedDecodeAttention(da, plan, ws, nullptr));
+    CHECK_CUDA(sc::PagedPrefillAttention(a, pnew, nullptr));
+  });
+  const double ser_idx = us([&] {
+    CHECK_CUDA(sc::PagedDecodeAttention(da, plan, ws, nullptr));
+    CHECK_CUDA(sc::PagedPrefillAttention(ai, pnew, nullptr));
+  });
+  CheckFinite(out, qn, "mixed-step");
+  std::printf("| %s | %d | %d x %d + %d at %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", fname,
+              heads, ndec, dctx, pnew, pctx, pf_all, pf_idx, dec, sbs_all, sbs_idx, ser_all, ser_idx);
+  std::fflush(stdout);
+  CHECK_CUDA(cudaEventDestroy(fork));
+  CHECK_CUDA(cudaEventDestroy(join));
+  CHECK_CUDA(cudaStreamDestroy(side));
+  for (int32_t* p : {d_tab, d_ctx, d_qs, d_rows, d_pf, d_dtab, d_dctx}) CHECK_CUDA(cudaFree(p));
+  if (ws) CHECK_CUDA(cudaFree(ws));
+  CHECK_CUDA(cudaFree(q));
+  CHECK_CUDA(cudaFree(out));
+  CHECK_CUDA(cudaFree(view.pool));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, sweep = false, prefill = false, prefill_only = false;
+  bool quick = false, sweep = false, prefill = false, prefill_only = false, mixed = false;
   int only_ctx = 0, iters_override = 0;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--sweep")) sweep = true;
     if (!std::strcmp(argv[i], "--prefill")) prefill = true;
     if (!std::strcmp(argv[i], "--prefill-only")) prefill = prefill_only = true;
+    if (!std::strcmp(argv[i], "--mixed")) mixed = true;
     if (!std::strcmp(argv[i], "--ctx") && i + 1 < argc) only_ctx = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters_override = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_warmup = std::atoi(argv[++i]);
@@ -416,6 +559,20 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, L2 %.0f MB\n", prop.name, prop.multiProcessorCount,
               prop.l2CacheSize / 1e6);
   std::printf("cudaMemcpy D2D bandwidth (read+write): %.0f GB/s\n", copy_bw);
+  if (mixed) {
+    std::printf("mixed steps, head_dim %d, block %d, queued timing (us per call)\n\n", kHeadDim, g_block);
+    std::printf("| KV | heads | decodes x context + new tokens at context | prefill, all seqs | prefill, "
+                "indexed | decode | side by side, all | side by side, indexed | serialized, all | "
+                "serialized, indexed |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    const int it = quick ? 10 : 200;
+    for (const FormatCase* fc : {&kFormats[0], &kFormats[6]}) {
+      for (int heads : {40, 20, 10}) {
+        TimeMixed(fc->format, fc->name, heads, 64, 512, 200, 200, prop.multiProcessorCount, it);
+      }
+      TimeMixed(fc->format, fc->name, 10, 256, 512, 512, 1024, prop.multiProcessorCount, it);
+    }
+    return 0;
+  }
   std::printf("shape: batch %d, heads %d, kv heads %d, head_dim %d, block %d\n", kBatch, kHeads,
               kKvHeads, kHeadDim, g_block);
   std::fflush(stdout);

@@ -326,6 +326,7 @@ absl::Status CudaEngine::AllocateArena() {
     s.dec_rows = a.Take<int32_t>(Sm);
     s.dec_context_lens = a.Take<int32_t>(Sm);
     s.dec_block_tables = a.Take<int32_t>(Sm * MB);
+    s.pf_seqs = a.Take<int32_t>(Sm);
   };
   auto carve = [&](Arena& a) {
     x_ = a.Take<float>(Tm * d);
@@ -607,6 +608,8 @@ absl::Status CudaEngine::Step(const StepInput& input, StepOutput* output) {
       host_.dec_context_lens[j] = host_.context_lens[i];
       std::copy_n(s.block_table.begin(), nb, host_.dec_block_tables + int64_t{j} * MB);
       dec_max_ctx = std::max(dec_max_ctx, host_.context_lens[i]);
+    } else if (!p.decode_only) {
+      host_.pf_seqs[p.num_prefill++] = i;
     }
   }
   if (p.num_decode > 0) p.dec_ctx_bucket = CtxBucket(dec_max_ctx, c.max_position_embeddings);
@@ -766,6 +769,7 @@ absl::Status CudaEngine::Upload(const Plan& p) {
     RETURN_IF_ERROR(h2d(dev_.dec_context_lens, host_.dec_context_lens, p.num_decode));
     RETURN_IF_ERROR(h2d(dev_.dec_block_tables, host_.dec_block_tables,
                         int64_t{p.num_decode} * max_blocks_per_seq_));
+    RETURN_IF_ERROR(h2d(dev_.pf_seqs, host_.pf_seqs, p.num_prefill));
   }
   return absl::OkStatus();
 }

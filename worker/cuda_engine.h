@@ -183,6 +183,8 @@ class CudaEngine final : public Engine {
     int32_t* dec_rows = nullptr;          // [max_num_seqs]
     int32_t* dec_context_lens = nullptr;  // [max_num_seqs]
     int32_t* dec_block_tables = nullptr;  // [max_num_seqs][max_blocks_per_seq]
+    // ... and the indices of the others (the prefill kernel's sequences).
+    int32_t* pf_seqs = nullptr;  // [max_num_seqs]
   };
   // Host-side description of one step; its arrays are in host_ (pinned).
   struct Plan {
@@ -195,6 +197,7 @@ class CudaEngine final : public Engine {
     int32_t max_new_tokens = 0;  // largest new-token count of a sequence
     int32_t ctx_bucket = 0;      // decode: plan the split-K for contexts up to this
     int32_t num_decode = 0;      // mixed step: sequences in the decode sub-batch
+    int32_t num_prefill = 0;     // mixed step: the other sequences (host_.pf_seqs)
     int32_t dec_ctx_bucket = 0;  // mixed step: the sub-batch's split-K bucket
     int32_t num_rows = 0;        // logits rows (host_.logit_rows)
     int32_t num_sample = 0;      // sampled rows (host_.sample), in row order

@@ -120,6 +120,8 @@ absl::Status CudaEngine::Forward(const Plan& p) {
       cuda::AttentionArgs da = a;
       da.batch = dec_batch;
       a.skip_single_token = true;
+      a.seq_index = dev_.pf_seqs;  // thread blocks for the multi-token sequences only
+      a.num_indexed_seqs = p.num_prefill;
       CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_event_, stream_));
       CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_stream_, fork_event_, 0));
       CUDA_RETURN_IF_ERROR(cuda::PagedPrefillAttention(a, p.max_new_tokens, side_stream_));
@@ -132,6 +134,8 @@ absl::Status CudaEngine::Forward(const Plan& p) {
         da.batch = dec_batch;
         CUDA_RETURN_IF_ERROR(cuda::PagedDecodeAttention(da, dplan, decode_ws_, stream_));
         a.skip_single_token = true;
+        a.seq_index = dev_.pf_seqs;
+        a.num_indexed_seqs = p.num_prefill;
       }
       if (p.num_decode < p.num_seqs) {
         CUDA_RETURN_IF_ERROR(cuda::PagedPrefillAttention(a, p.max_new_tokens, stream_));

@@ -185,7 +185,12 @@ cudaError_t PagedDecodeAttention(AttentionArgs args, DecodePlan plan, void* work
 cudaError_t PagedPrefillAttention(AttentionArgs args, int32_t max_new_tokens,
                                   cudaStream_t stream) {
   if (!ValidAttention(args) || max_new_tokens < 0) return cudaErrorInvalidValue;
-  if (args.batch.num_seqs == 0 || max_new_tokens == 0) return cudaSuccess;
+  if (args.seq_index != nullptr &&
+      (args.num_indexed_seqs < 0 || args.num_indexed_seqs > args.batch.num_seqs)) {
+    return cudaErrorInvalidValue;
+  }
+  const int32_t launched = args.seq_index != nullptr ? args.num_indexed_seqs : args.batch.num_seqs;
+  if (launched == 0 || max_new_tokens == 0) return cudaSuccess;
   return Dispatch<PrefillOp>(DescOf(args.cache), args, max_new_tokens, stream);
 }
 

@@ -57,6 +57,16 @@ struct AttentionArgs {
   // alone (their output rows are not written), so that a mixed step can run
   // them through PagedDecodeAttention on a sub-batch.
   bool skip_single_token = false;
+  // PagedPrefillAttention only: when not null, thread blocks are launched for
+  // these `num_indexed_seqs` sequences of the batch alone (a device array of
+  // distinct indices in [0, batch.num_seqs): a mixed step's multi-token
+  // sequences) and none for the rest, whose output rows are left untouched.
+  // Without it a mixed step of 64 decodes and one 200-token chunk launched 65
+  // sequences' worth of thread blocks, 98% of which exited at once: 5-19 us
+  // per layer at a llama-2-13b tp=4 shard on an H100
+  // (bench/results/prefill_attention_2026-11-27_h100.md).
+  const int32_t* seq_index = nullptr;
+  int32_t num_indexed_seqs = 0;
 };
 
 // Split-K plan of one decode step, built once per step on the host. Each

@@ -340,6 +340,14 @@ TEST(KernelDispatch, SupportedMatrixAndErrors) {
   a.softmax_scale = 1.0f;
   EXPECT_EQ(PagedPrefillAttention(a, 1, nullptr), cudaErrorInvalidValue);
   a.num_heads = 4;
+  // More indexed sequences than the batch has: an error, no launch; none: nothing to do.
+  const int32_t index[1] = {0};
+  a.seq_index = index;
+  a.num_indexed_seqs = 1;
+  EXPECT_EQ(PagedPrefillAttention(a, 1, nullptr), cudaErrorInvalidValue);
+  a.num_indexed_seqs = 0;
+  EXPECT_EQ(PagedPrefillAttention(a, 1, nullptr), cudaSuccess);
+  a.seq_index = nullptr;
   DecodePlan bad;  // partition 0
   EXPECT_EQ(PagedDecodeAttention(a, bad, nullptr, nullptr), cudaErrorInvalidValue);
   const DecodePlan plan = PlanDecode(v, 8, 4, 5000, 132);
@@ -506,17 +514,21 @@ TEST(CudaKvExtra, OddGqaRatiosAndLongDecode) {
   }
 }
 
-// The engine's mixed step: the prefill kernel with skip_single_token leaves the
-// one-token sequences' rows untouched, and the decode kernel on a sub-batch
-// (their rows in query_start, their context lengths and tables gathered)
-// writes them in place; together they match the CPU kernel on every row.
+// The engine's mixed step: the prefill kernel with skip_single_token (and, as
+// the engine runs it, with thread blocks only for the multi-token sequences,
+// `seq_index`) leaves the one-token sequences' rows untouched, and the decode
+// kernel on a sub-batch (their rows in query_start, their context lengths and
+// tables gathered) writes them in place; together they match the CPU kernel
+// on every row.
 TEST(CudaKvExtra, MixedStepSplitsOneTokenSequencesToTheDecodeKernel) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(11);
+  for (const bool indexed : {false, true})
   for (KvFormat f : {KvFormat{KvDtype::kFp16, KvScaleMode::kNone},
                      KvFormat{KvDtype::kInt8, KvScaleMode::kDynamic},
                      KvFormat{KvDtype::kInt4, KvScaleMode::kDynamic},
                      KvFormat{KvDtype::kFp32, KvScaleMode::kNone}}) {
+    SCOPED_TRACE(indexed ? "prefill blocks for the multi-token sequences only" : "all sequences");
     const int kv_heads = 2, group = 4, heads = kv_heads * group, hd = 128, bs = 16;
     // Decodes first, between and after prefill chunks, one at a long context.
     const std::vector<SeqSpec> seqs = {{700, 1}, {300, 300}, {4100, 1}, {96, 32}, {17, 1}};
@@ -526,6 +538,16 @@ TEST(CudaKvExtra, MixedStepSplitsOneTokenSequencesToTheDecodeKernel) {
     const std::vector<float> want = CpuAttention(c, st, heads, 0.09f);
     AttentionArgs a = ArgsFor(c, st, heads, 0.09f);
     a.skip_single_token = true;
+    std::vector<int32_t> multi;  // the prefill kernel's sequences, as the engine lists them
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (seqs[i].new_tokens != 1) multi.push_back(static_cast<int32_t>(i));
+    }
+    DeviceBuf<int32_t> d_multi;
+    d_multi.Upload(multi);
+    if (indexed) {
+      a.seq_index = d_multi.get();
+      a.num_indexed_seqs = static_cast<int32_t>(multi.size());
+    }
     ASSERT_CUDA(PagedPrefillAttention(a, st.max_new, nullptr));
     ASSERT_CUDA(cudaDeviceSynchronize());
     std::vector<float> got = st.d_out.Download();

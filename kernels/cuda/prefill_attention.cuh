@@ -42,6 +42,7 @@ struct PrefillParams {
   int32_t log2_bs;
   float q_scale;          // softmax_scale * log2(e)
   bool skip_single;       // sequences with one new token are left to the decode kernel
+  const int32_t* seq_index;  // blockIdx.z -> sequence (null: the identity)
 };
 
 template <int HD>
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kPfThreads) PrefillKernel(const PrefillParams 
   float* rl = smem + S::kL;
   float* ra = smem + S::kAlpha;
 
-  const int seq = blockIdx.z;
+  const int seq = p.seq_index != nullptr ? p.seq_index[blockIdx.z] : static_cast<int>(blockIdx.z);
   const int kvh = blockIdx.y / p.groups_per_kv;
   const int head0 = kvh * p.group + (blockIdx.y % p.groups_per_kv) * p.heads_per_cta;
   const int q0 = p.query_start[seq];
@@ -312,8 +313,10 @@ cudaError_t PrefillOp::Run(const AttentionArgs& a, int32_t max_new_tokens, cudaS
   p.log2_bs = Log2Int(a.cache.layout.block_size);
   p.q_scale = a.softmax_scale * kLog2e;
   p.skip_single = a.skip_single_token;
+  p.seq_index = a.seq_index;
   const dim3 grid((max_new_tokens + p.tokens_per_cta - 1) / p.tokens_per_cta,
-                  a.cache.layout.num_kv_heads * p.groups_per_kv, a.batch.num_seqs);
+                  a.cache.layout.num_kv_heads * p.groups_per_kv,
+                  a.seq_index != nullptr ? a.num_indexed_seqs : a.batch.num_seqs);
   static KernelAttrCache attrs;
   if constexpr (detail::kPrefillMma<D> && HD % 16 == 0) {
     // Tensor cores (fp32-accurate, see prefill_attention_mma.cuh).

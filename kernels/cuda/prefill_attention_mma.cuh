@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
   float* mvz = mvs + kPmKt;
   float* qsum = reinterpret_cast<float*>(psm + S::kQSum);
 
-  const int seq = blockIdx.z;
+  const int seq = p.seq_index != nullptr ? p.seq_index[blockIdx.z] : static_cast<int>(blockIdx.z);
   const int kvh = blockIdx.y / p.groups_per_kv;
   const int head0 = kvh * p.group + (blockIdx.y % p.groups_per_kv) * p.heads_per_cta;
   const int q0 = p.query_start[seq];
