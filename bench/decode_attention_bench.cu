@@ -22,6 +22,9 @@
 //   --ctx N   only this context length (e.g. under a profiler)
 //   --iters N / --warmup N  timed / untimed calls per case
 //   --block-size N  tokens per cache block (default 16, the issue's shape)
+//   --plan-sweep  only this: PlanDecode's partition against every partition
+//             size, over batch x context x (heads, kv heads) shapes of serving
+//             (tensor-parallel shards, GQA and MHA), fp16 and int8 caches
 //   --mixed   only the attention of mixed steps at tensor-parallel shard head
 //             counts (llama-2-13b: 40 heads, no GQA; 20 / 10 per rank at tp=2 / 4):
 //             the prefill kernel on the whole batch (one-token sequences
@@ -531,10 +534,116 @@ void TimeMixed(KvFormat f, const char* fname, int heads, int ndec, int dctx, int
   CHECK_CUDA(cudaFree(view.pool));
 }
 
+// PlanDecode's choice against every partition size for one decode shape
+// (batch sequences at context ctx, heads / kv_heads, head_dim 128); enough
+// cache copies rotated that the bytes per call sequence exceed L2 4x.
+void PlanSweep(KvFormat f, const char* fname, int batch, int ctx, int heads, int kv_heads,
+               int num_sms, size_t l2_bytes) {
+  strata::KvCacheView view;
+  view.layout = strata::MakeKvBlockLayout(f, g_block, kv_heads, kHeadDim);
+  const int mbps = (ctx + g_block - 1) / g_block;
+  const int64_t blocks_one = int64_t{batch} * mbps;
+  const double bytes_one = double(blocks_one) * view.layout.block_bytes;
+  const int copies = std::min(16, std::max(1, static_cast<int>(std::ceil(4.0 * l2_bytes / bytes_one))));
+  const int64_t nblocks = blocks_one * copies;
+  view.num_blocks = static_cast<int32_t>(nblocks);
+  CHECK_CUDA(cudaMalloc(&view.pool, size_t(nblocks) * view.layout.block_bytes));
+  const int64_t row = int64_t{kv_heads} * kHeadDim, chunk = 1 << 16;
+  float *k, *v;
+  int64_t* sm;
+  CHECK_CUDA(cudaMalloc(&k, chunk * row * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&v, chunk * row * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&sm, chunk * sizeof(int64_t)));
+  for (int64_t s0 = 0; s0 < nblocks * g_block; s0 += chunk) {
+    const int64_t n = std::min(chunk, nblocks * g_block - s0);
+    FillRandom<<<1024, 256>>>(k, n * row, 2 * s0 + 1, kHeadDim);
+    FillRandom<<<1024, 256>>>(v, n * row, 2 * s0 + 2, kHeadDim);
+    Iota<<<256, 256>>>(sm, n, s0);
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(sc::WriteKvCache(view, k, v, sm, static_cast<int32_t>(n), nullptr));
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  CHECK_CUDA(cudaFree(k));
+  CHECK_CUDA(cudaFree(v));
+  CHECK_CUDA(cudaFree(sm));
+  std::vector<int32_t*> tables;
+  std::vector<int32_t> ids(blocks_one);
+  uint64_t rng = 4242;
+  for (int c = 0; c < copies; ++c) {
+    for (int64_t i = 0; i < blocks_one; ++i) ids[i] = static_cast<int32_t>(c * blocks_one + i);
+    for (int64_t i = blocks_one - 1; i > 0; --i) {
+      rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+      std::swap(ids[i], ids[(rng >> 33) % (i + 1)]);
+    }
+    int32_t* t;
+    CHECK_CUDA(cudaMalloc(&t, ids.size() * sizeof(int32_t)));
+    CHECK_CUDA(cudaMemcpy(t, ids.data(), ids.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+    tables.push_back(t);
+  }
+  std::vector<int32_t> ctxs(batch, ctx), qs(batch + 1);
+  for (int i = 0; i <= batch; ++i) qs[i] = i;
+  int32_t *d_ctx, *d_qs;
+  CHECK_CUDA(cudaMalloc(&d_ctx, batch * sizeof(int32_t)));
+  CHECK_CUDA(cudaMalloc(&d_qs, (batch + 1) * sizeof(int32_t)));
+  CHECK_CUDA(cudaMemcpy(d_ctx, ctxs.data(), batch * sizeof(int32_t), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d_qs, qs.data(), (batch + 1) * sizeof(int32_t), cudaMemcpyHostToDevice));
+  const size_t qn = size_t{static_cast<size_t>(batch)} * heads * kHeadDim;
+  float *q, *out;
+  CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&out, qn * sizeof(float)));
+  FillRandom<<<256, 256>>>(q, qn, 77, kHeadDim);
+  sc::AttentionArgs a;
+  a.cache = view;
+  a.query = q;
+  a.out = out;
+  a.num_heads = heads;
+  a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
+  a.batch.num_seqs = a.batch.num_tokens = batch;
+  a.batch.max_blocks_per_seq = mbps;
+  a.batch.context_lens = d_ctx;
+  a.batch.query_start = d_qs;
+  auto time_plan = [&](const sc::DecodePlan& plan) {
+    void* ws = nullptr;
+    if (plan.workspace_bytes > 0) CHECK_CUDA(cudaMalloc(&ws, plan.workspace_bytes));
+    const double us = TimeCalls(g_warmup, 30, [&](int i) {
+      a.batch.block_tables = tables[i % copies];
+      CHECK_CUDA(sc::PagedDecodeAttention(a, plan, ws, nullptr));
+    }).queued_ms * 1e3;
+    if (ws) CHECK_CUDA(cudaFree(ws));
+    return us;
+  };
+  const sc::DecodePlan planned = sc::PlanDecode(view, batch, heads, ctx, num_sms);
+  const double planned_us = time_plan(planned);
+  double best_us = planned_us;
+  int best_p = planned.partition_size;
+  std::string all;
+  for (int p = 256; p <= sc::MaxDecodePartition(view); p *= 2) {
+    if (p % g_block != 0 || (p >= 2 * ctx && p != planned.partition_size)) continue;
+    const double us = p == planned.partition_size ? planned_us
+                                                   : time_plan(sc::PlanDecodeWithPartition(view, batch, heads, ctx, p));
+    char buf[48];
+    std::snprintf(buf, sizeof buf, " %d:%.1f", p, us);
+    all += buf;
+    if (us < best_us) best_us = us, best_p = p;
+  }
+  CheckFinite(out, qn, "plan-sweep");
+  std::printf("| %s | %d | %d | %d/%d | %d x%d | %.1f | %d | %.1f | %.3f |%s |\n", fname, batch, ctx, heads,
+              kv_heads, planned.partition_size, planned.max_splits, planned_us, best_p, best_us,
+              planned_us / best_us, all.c_str());
+  std::fflush(stdout);
+  for (int32_t* t : tables) CHECK_CUDA(cudaFree(t));
+  CHECK_CUDA(cudaFree(d_ctx));
+  CHECK_CUDA(cudaFree(d_qs));
+  CHECK_CUDA(cudaFree(q));
+  CHECK_CUDA(cudaFree(out));
+  CHECK_CUDA(cudaFree(view.pool));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, sweep = false, prefill = false, prefill_only = false, mixed = false;
+  bool quick = false, sweep = false, prefill = false, prefill_only = false, mixed = false,
+       plan_sweep = false;
   int only_ctx = 0, iters_override = 0;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
@@ -542,6 +651,7 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--prefill")) prefill = true;
     if (!std::strcmp(argv[i], "--prefill-only")) prefill = prefill_only = true;
     if (!std::strcmp(argv[i], "--mixed")) mixed = true;
+    if (!std::strcmp(argv[i], "--plan-sweep")) plan_sweep = true;
     if (!std::strcmp(argv[i], "--ctx") && i + 1 < argc) only_ctx = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters_override = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_warmup = std::atoi(argv[++i]);
@@ -559,6 +669,23 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, L2 %.0f MB\n", prop.name, prop.multiProcessorCount,
               prop.l2CacheSize / 1e6);
   std::printf("cudaMemcpy D2D bandwidth (read+write): %.0f GB/s\n", copy_bw);
+  if (plan_sweep) {
+    std::printf("PlanDecode against every partition size, head_dim %d, block %d, queued timing (us)\n\n"
+                "| KV | batch | context | heads/kv | planned | us | best P | us | planned / best | all (P:us) |\n"
+                "|---|---:|---:|---|---|---:|---:|---:|---:|---|\n", kHeadDim, g_block);
+    for (const FormatCase* fc : {&kFormats[0], &kFormats[6]}) {
+      for (auto [heads, kvh] : {std::pair{40, 40}, std::pair{10, 10}, std::pair{32, 8}, std::pair{8, 2}}) {
+        for (int batch : {16, 64, 256}) {
+          for (int ctx : {512, 1024, 2048, 4096, 8192}) {
+            const double gb = double(batch) * ctx * kvh * kHeadDim * 2 * 2 / 1e9;
+            if (gb > 12.0) continue;
+            PlanSweep(fc->format, fc->name, batch, ctx, heads, kvh, prop.multiProcessorCount, prop.l2CacheSize);
+          }
+        }
+      }
+    }
+    return 0;
+  }
   if (mixed) {
     std::printf("mixed steps, head_dim %d, block %d, queued timing (us per call)\n\n", kHeadDim, g_block);
     std::printf("| KV | heads | decodes x context + new tokens at context | prefill, all seqs | prefill, "

@@ -137,12 +137,34 @@ DecodePlan PlanDecode(const KvCacheView& cache, int32_t num_seqs, int32_t num_he
                       int32_t max_context_len, int32_t num_sms) {
   const int group = cache.layout.num_kv_heads > 0 ? num_heads / cache.layout.num_kv_heads : 1;
   const int64_t base_ctas = std::max<int64_t>(1, int64_t{num_seqs} * num_heads / HeadTile(std::max(group, 1)));
-  // Aim at >= 2 thread blocks per SM in total: long partitions amortize the
-  // per-block setup and the merge (measured on H200, batch 64 x 8 kv heads:
-  // P = 2048 best at 4K context, P = 512 / one split best at 512); partitions
-  // of 256..2048 tokens, up to 4096 for the tensor-core kernel (one split at
-  // 4K: no merge kernel and one wave of thread blocks instead of two).
-  const int64_t want_splits = (int64_t{num_sms} * 2 + base_ctas - 1) / base_ctas;
+  // CUDA-core kernel: aim at >= 2 thread blocks per SM in total: long
+  // partitions amortize the per-block setup and the merge (measured on H200,
+  // batch 64 x 8 kv heads: P = 2048 best at 4K context, P = 512 / one split
+  // best at 512); partitions of 256..2048 tokens.
+  int64_t want_splits = (int64_t{num_sms} * 2 + base_ctas - 1) / base_ctas;
+  if (MaxDecodePartition(cache) == kMaxPartitionMma) {
+    // Tensor-core kernel (up to 4096-token partitions, 4 thread blocks per
+    // SM): a split costs the merge kernel and the partials, which a kernel of
+    // a few tens of microseconds does not earn back, so one split unless the
+    // blocks would not fill half the SMs; past one wave of slots, the split
+    // count (1, 2 or 4, partitions >= 512) that fills the last wave best.
+    // Measured on an H100 over batch 16-256 x context 512-8192 x (40/40, 10/10,
+    // 32/8, 8/2 heads) (bench/results/decode_plan_2026-11-27_h100.md): e.g.
+    // 16 x 512, 8 kv heads 19.6 -> 14.2 us; 64 x 4096, 10 heads 272 -> 250 us.
+    const int64_t slots = int64_t{num_sms} * 4;
+    if (base_ctas <= slots) {
+      want_splits = base_ctas * 2 >= num_sms ? 1 : (num_sms + base_ctas - 1) / base_ctas;
+    } else {
+      auto fill = [&](int64_t s) {  // fraction of the last wave's slots in use
+        const int64_t ctas = base_ctas * s;
+        return double(ctas) / double((ctas + slots - 1) / slots * slots);
+      };
+      want_splits = 1;
+      for (int64_t s : {2, 4}) {
+        if (int64_t{max_context_len} / s >= 512 && fill(s) > fill(want_splits) + 0.05) want_splits = s;
+      }
+    }
+  }
   int64_t part = (max_context_len + want_splits - 1) / std::max<int64_t>(want_splits, 1);
   part = (part + 255) / 256 * 256;
   part = std::clamp<int64_t>(part, 256, MaxDecodePartition(cache));
