@@ -20,6 +20,10 @@ inline int HeadTile(int group) {
   return 1;
 }
 
+// Thread blocks per SM of the tensor-core decode kernel (its launch bounds;
+// PlanDecode sizes its waves by it).
+constexpr int kMmaBlocksPerSm = 4;
+
 struct DecodeLaunch {
   AttentionArgs args;
   DecodePlan plan;

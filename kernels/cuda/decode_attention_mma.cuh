@@ -61,7 +61,7 @@ __device__ __forceinline__ float Exp2Ftz(float x) {
 constexpr float kWeightScale = 16384.0f;  // 2^14: V weights sit in [2^14, 2^15) at their maximum
 
 template <KvDtype D, KvScaleMode M, int HD, int G>
-__global__ void __launch_bounds__(kMmaThreads, 4) DecodeMmaKernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(const DecodeParams p) {
   using Cfg = MmaCfg<D, M, HD>;
   using Smem = MmaSmem<Cfg, G, HD>;
   using KOp = KOperand<D>;

@@ -153,7 +153,7 @@ DecodePlan PlanDecode(const KvCacheView& cache, int32_t num_seqs, int32_t num_he
     // Measured on an H100 over batch 16-256 x context 512-8192 x (40/40, 10/10,
     // 32/8, 8/2 heads) (bench/results/decode_plan_2026-11-27_h100.md): e.g.
     // 16 x 512, 8 kv heads 19.6 -> 14.2 us; 64 x 4096, 10 heads 272 -> 250 us.
-    const int64_t slots = int64_t{num_sms} * 4;
+    const int64_t slots = int64_t{num_sms} * kMmaBlocksPerSm;
     if (base_ctas <= slots) {
       want_splits = 1;
       if (base_ctas * 2 < num_sms && max_context_len > 512) {
