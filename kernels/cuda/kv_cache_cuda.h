@@ -62,9 +62,9 @@ struct AttentionArgs {
   // distinct indices in [0, batch.num_seqs): a mixed step's multi-token
   // sequences) and none for the rest, whose output rows are left untouched.
   // Without it a mixed step of 64 decodes and one 200-token chunk launched 65
-  // sequences' worth of thread blocks, 98% of which exited at once: 5-19 us
-  // per layer at a llama-2-13b tp=4 shard on an H100
-  // (bench/results/prefill_attention_2026-11-27_h100.md).
+  // sequences' worth of thread blocks, 98% of which exited at once: 5-21 us
+  // of attention per layer at llama-2-13b's tp=1 / 2 / 4 shard head counts
+  // on an H100 (bench/results/prefill_attention_2026-11-27_h100.md).
   const int32_t* seq_index = nullptr;
   int32_t num_indexed_seqs = 0;
 };
