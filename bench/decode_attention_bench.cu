@@ -587,7 +587,7 @@ void PlanSweep(KvFormat f, const char* fname, int batch, int ctx, int heads, int
   CHECK_CUDA(cudaMalloc(&d_qs, (batch + 1) * sizeof(int32_t)));
   CHECK_CUDA(cudaMemcpy(d_ctx, ctxs.data(), batch * sizeof(int32_t), cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(d_qs, qs.data(), (batch + 1) * sizeof(int32_t), cudaMemcpyHostToDevice));
-  const size_t qn = size_t{static_cast<size_t>(batch)} * heads * kHeadDim;
+  const size_t qn = size_t(batch) * heads * kHeadDim;
   float *q, *out;
   CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&out, qn * sizeof(float)));
