@@ -7,7 +7,8 @@ include(${STRATA_ENGINE_ROOT}/kernels/cuda_ops/cuda_ops.cmake)
 
 add_library(strata_cuda_engine STATIC
   ${STRATA_WORKER_DIR}/cuda_engine.cc
-  ${STRATA_WORKER_DIR}/cuda_forward.cc)
+  ${STRATA_WORKER_DIR}/cuda_forward.cc
+  ${STRATA_WORKER_DIR}/cuda_weights.cc)
 target_include_directories(strata_cuda_engine PUBLIC ${STRATA_ENGINE_ROOT})
 target_link_libraries(strata_cuda_engine PUBLIC
   strata_engine strata_cuda_ops strata_kernels_cuda strata_kv_view_util strata_kernels_cpu
