@@ -237,6 +237,63 @@ struct Setup {
   int blocks_per_seq = 0;
 };
 
+// Cache copies of `bytes_one` bytes each that make the bytes touched by a
+// sequence of calls exceed L2 4x (1..16).
+int CopiesFor(double bytes_one, size_t l2_bytes) {
+  return std::min(16, std::max(1, static_cast<int>(std::ceil(4.0 * l2_bytes / bytes_one))));
+}
+
+// A device copy of `h` (at least one element allocated). Free with cudaFree.
+int32_t* UploadInts(const std::vector<int32_t>& h) {
+  int32_t* d;
+  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(int32_t)));
+  CHECK_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// Every slot of the view's pool written through WriteKvCache from random K/V
+// (real codes, scales and zero points), in chunks of slots.
+void FillCache(const strata::KvCacheView& view) {
+  const int64_t slots = int64_t{view.num_blocks} * view.layout.block_size;
+  const int64_t chunk = 1 << 16;
+  const int64_t row = int64_t{view.layout.num_kv_heads} * view.layout.head_dim;
+  float *k, *v;
+  int64_t* sm;
+  CHECK_CUDA(cudaMalloc(&k, chunk * row * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&v, chunk * row * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&sm, chunk * sizeof(int64_t)));
+  for (int64_t s0 = 0; s0 < slots; s0 += chunk) {
+    const int64_t n = std::min(chunk, slots - s0);
+    FillRandom<<<1024, 256>>>(k, n * row, 2 * s0 + 1, view.layout.head_dim);
+    FillRandom<<<1024, 256>>>(v, n * row, 2 * s0 + 2, view.layout.head_dim);
+    Iota<<<256, 256>>>(sm, n, s0);
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(sc::WriteKvCache(view, k, v, sm, static_cast<int32_t>(n), nullptr));
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  CHECK_CUDA(cudaFree(k));
+  CHECK_CUDA(cudaFree(v));
+  CHECK_CUDA(cudaFree(sm));
+}
+
+// Block ids first .. first + n - 1 in a random order (Fisher-Yates, LCG state *rng).
+std::vector<int32_t> ShuffledIds(int64_t first, int64_t n, uint64_t* rng) {
+  std::vector<int32_t> ids(n);
+  for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>(first + i);
+  for (int64_t i = n - 1; i > 0; --i) {
+    *rng = *rng * 6364136223846793005ull + 1442695040888963407ull;
+    std::swap(ids[i], ids[(*rng >> 33) % (i + 1)]);
+  }
+  return ids;
+}
+
+// One device block table per cache copy: copy c's blocks [c n, (c + 1) n) shuffled.
+std::vector<int32_t*> ShuffledTables(int64_t blocks_one, int copies, uint64_t seed) {
+  std::vector<int32_t*> tables;
+  for (int c = 0; c < copies; ++c) tables.push_back(UploadInts(ShuffledIds(c * blocks_one, blocks_one, &seed)));
+  return tables;
+}
+
 // Allocates `copies` caches' worth of blocks in one pool, fills them with
 // random data through WriteKvCache, and builds per-copy shuffled block tables.
 Setup MakeSetup(KvFormat f, int ctx, size_t l2_bytes) {
@@ -244,9 +301,7 @@ Setup MakeSetup(KvFormat f, int ctx, size_t l2_bytes) {
   s.view.layout = strata::MakeKvBlockLayout(f, g_block, kKvHeads, kHeadDim);
   s.blocks_per_seq = (ctx + g_block - 1) / g_block;
   const int64_t blocks_one = int64_t{kBatch} * s.blocks_per_seq;
-  const double bytes_one = double(blocks_one) * s.view.layout.block_bytes;
-  s.copies = std::max(1, static_cast<int>(std::ceil(4.0 * l2_bytes / bytes_one)));
-  s.copies = std::min(s.copies, 16);
+  s.copies = CopiesFor(double(blocks_one) * s.view.layout.block_bytes, l2_bytes);
   const int64_t blocks = blocks_one * s.copies;
   s.view.num_blocks = static_cast<int32_t>(blocks);
   CHECK_CUDA(cudaMalloc(&s.view.pool, size_t(blocks) * s.view.layout.block_bytes));
@@ -263,47 +318,12 @@ Setup MakeSetup(KvFormat f, int ctx, size_t l2_bytes) {
       s.view.v_zero = s.scales + 3 * kKvHeads;
     }
   }
-  // Random K/V through the write kernel, in chunks of slots.
-  const int64_t slots = blocks * g_block;
-  const int64_t chunk = 1 << 16;
-  const int64_t row = int64_t{kKvHeads} * kHeadDim;
-  float *k, *v;
-  int64_t* sm;
-  CHECK_CUDA(cudaMalloc(&k, chunk * row * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&v, chunk * row * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&sm, chunk * sizeof(int64_t)));
-  for (int64_t s0 = 0; s0 < slots; s0 += chunk) {
-    const int64_t n = std::min(chunk, slots - s0);
-    FillRandom<<<1024, 256>>>(k, n * row, 2 * s0 + 1, kHeadDim);
-    FillRandom<<<1024, 256>>>(v, n * row, 2 * s0 + 2, kHeadDim);
-    Iota<<<256, 256>>>(sm, n, s0);
-    CHECK_CUDA(cudaGetLastError());
-    CHECK_CUDA(sc::WriteKvCache(s.view, k, v, sm, static_cast<int32_t>(n), nullptr));
-  }
-  CHECK_CUDA(cudaDeviceSynchronize());
-  CHECK_CUDA(cudaFree(k));
-  CHECK_CUDA(cudaFree(v));
-  CHECK_CUDA(cudaFree(sm));
-  // Block tables: a random permutation per copy.
-  std::vector<int32_t> ids(blocks_one);
-  uint64_t rng = 12345;
-  for (int c = 0; c < s.copies; ++c) {
-    for (int64_t i = 0; i < blocks_one; ++i) ids[i] = static_cast<int32_t>(c * blocks_one + i);
-    for (int64_t i = blocks_one - 1; i > 0; --i) {
-      rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-      std::swap(ids[i], ids[(rng >> 33) % (i + 1)]);
-    }
-    int32_t* t;
-    CHECK_CUDA(cudaMalloc(&t, ids.size() * sizeof(int32_t)));
-    CHECK_CUDA(cudaMemcpy(t, ids.data(), ids.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-    s.tables.push_back(t);
-  }
-  std::vector<int32_t> ctxs(kBatch, ctx), qs(kBatch + 1);
+  FillCache(s.view);
+  s.tables = ShuffledTables(blocks_one, s.copies, 12345);
+  std::vector<int32_t> qs(kBatch + 1);
   for (int i = 0; i <= kBatch; ++i) qs[i] = i;
-  CHECK_CUDA(cudaMalloc(&s.ctx, kBatch * sizeof(int32_t)));
-  CHECK_CUDA(cudaMalloc(&s.qs, (kBatch + 1) * sizeof(int32_t)));
-  CHECK_CUDA(cudaMemcpy(s.ctx, ctxs.data(), kBatch * sizeof(int32_t), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(s.qs, qs.data(), (kBatch + 1) * sizeof(int32_t), cudaMemcpyHostToDevice));
+  s.ctx = UploadInts(std::vector<int32_t>(kBatch, ctx));
+  s.qs = UploadInts(qs);
   const size_t qn = size_t{kBatch} * kHeads * kHeadDim;
   CHECK_CUDA(cudaMalloc(&s.q, qn * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&s.out, qn * sizeof(float)));
@@ -364,12 +384,9 @@ double TimePrefill(Setup& s, int ctx, int chunk, int nseq, int iters) {
   const int64_t tokens = int64_t{nseq} * chunk;
   std::vector<int32_t> qs(nseq + 1), ctxs(nseq, ctx);
   for (int i = 0; i <= nseq; ++i) qs[i] = i * chunk;
-  int32_t *dqs, *dctx;
+  int32_t* dqs = UploadInts(qs);
+  int32_t* dctx = UploadInts(ctxs);
   float *q, *out;
-  CHECK_CUDA(cudaMalloc(&dqs, qs.size() * sizeof(int32_t)));
-  CHECK_CUDA(cudaMalloc(&dctx, ctxs.size() * sizeof(int32_t)));
-  CHECK_CUDA(cudaMemcpy(dqs, qs.data(), qs.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(dctx, ctxs.data(), ctxs.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
   const size_t qn = size_t(tokens) * kHeads * kHeadDim;
   CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&out, qn * sizeof(float)));
@@ -410,32 +427,10 @@ void TimeMixed(KvFormat f, const char* fname, int heads, int ndec, int dctx, int
   const int nblocks = nseq * mbps;
   view.num_blocks = nblocks;
   CHECK_CUDA(cudaMalloc(&view.pool, size_t(nblocks) * view.layout.block_bytes));
-  {  // every slot written through the write kernel (real codes, scales, zero points)
-    const int64_t slots = int64_t{nblocks} * g_block, row = int64_t{heads} * kHeadDim;
-    float *k, *v;
-    int64_t* sm;
-    CHECK_CUDA(cudaMalloc(&k, slots * row * sizeof(float)));
-    CHECK_CUDA(cudaMalloc(&v, slots * row * sizeof(float)));
-    CHECK_CUDA(cudaMalloc(&sm, slots * sizeof(int64_t)));
-    FillRandom<<<1024, 256>>>(k, slots * row, 5, kHeadDim);
-    FillRandom<<<1024, 256>>>(v, slots * row, 6, kHeadDim);
-    Iota<<<256, 256>>>(sm, slots, 0);
-    CHECK_CUDA(cudaGetLastError());
-    CHECK_CUDA(sc::WriteKvCache(view, k, v, sm, static_cast<int32_t>(slots), nullptr));
-    CHECK_CUDA(cudaDeviceSynchronize());
-    CHECK_CUDA(cudaFree(k));
-    CHECK_CUDA(cudaFree(v));
-    CHECK_CUDA(cudaFree(sm));
-  }
-  std::vector<int32_t> tables(size_t(nseq) * mbps), ctx(nseq), qs(nseq + 1), dec_rows(ndec);
-  std::vector<int32_t> ids(nblocks);
-  for (int i = 0; i < nblocks; ++i) ids[i] = i;
+  FillCache(view);
   uint64_t rng = 99;
-  for (int i = nblocks - 1; i > 0; --i) {
-    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-    std::swap(ids[i], ids[(rng >> 33) % (i + 1)]);
-  }
-  std::copy(ids.begin(), ids.end(), tables.begin());
+  const std::vector<int32_t> tables = ShuffledIds(0, nblocks, &rng);  // [nseq][mbps]
+  std::vector<int32_t> ctx(nseq), qs(nseq + 1), dec_rows(ndec);
   int t = 0;
   for (int s = 0; s < nseq; ++s) {
     qs[s] = t;
@@ -444,22 +439,14 @@ void TimeMixed(KvFormat f, const char* fname, int heads, int ndec, int dctx, int
     if (s < ndec) dec_rows[s] = qs[s];
   }
   qs[nseq] = t;
-  const int32_t pf_index = ndec;
-  auto upload = [](const std::vector<int32_t>& h) {
-    int32_t* d;
-    CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(int32_t)));
-    CHECK_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-    return d;
-  };
-  int32_t* d_tab = upload(tables);
-  int32_t* d_ctx = upload(ctx);
-  int32_t* d_qs = upload(qs);
-  int32_t* d_rows = upload(dec_rows);
-  int32_t* d_pf = upload({pf_index});
-  std::vector<int32_t> dec_tab(tables.begin(), tables.begin() + size_t(ndec) * mbps);
-  int32_t* d_dtab = upload(dec_tab);
-  std::vector<int32_t> dctxs(ctx.begin(), ctx.begin() + ndec);
-  int32_t* d_dctx = upload(dctxs);
+  int32_t* d_tab = UploadInts(tables);
+  int32_t* d_ctx = UploadInts(ctx);
+  int32_t* d_qs = UploadInts(qs);
+  int32_t* d_rows = UploadInts(dec_rows);
+  int32_t* d_pf = UploadInts({ndec});  // the prefill sequence is the batch's last
+  // The decode sub-batch: the first ndec sequences' tables and contexts.
+  int32_t* d_dtab = UploadInts({tables.begin(), tables.begin() + size_t(ndec) * mbps});
+  int32_t* d_dctx = UploadInts({ctx.begin(), ctx.begin() + ndec});
   const size_t qn = size_t(t) * heads * kHeadDim;
   float *q, *out;
   CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
@@ -543,50 +530,16 @@ void PlanSweep(KvFormat f, const char* fname, int batch, int ctx, int heads, int
   view.layout = strata::MakeKvBlockLayout(f, g_block, kv_heads, kHeadDim);
   const int mbps = (ctx + g_block - 1) / g_block;
   const int64_t blocks_one = int64_t{batch} * mbps;
-  const double bytes_one = double(blocks_one) * view.layout.block_bytes;
-  const int copies = std::min(16, std::max(1, static_cast<int>(std::ceil(4.0 * l2_bytes / bytes_one))));
+  const int copies = CopiesFor(double(blocks_one) * view.layout.block_bytes, l2_bytes);
   const int64_t nblocks = blocks_one * copies;
   view.num_blocks = static_cast<int32_t>(nblocks);
   CHECK_CUDA(cudaMalloc(&view.pool, size_t(nblocks) * view.layout.block_bytes));
-  const int64_t row = int64_t{kv_heads} * kHeadDim, chunk = 1 << 16;
-  float *k, *v;
-  int64_t* sm;
-  CHECK_CUDA(cudaMalloc(&k, chunk * row * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&v, chunk * row * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&sm, chunk * sizeof(int64_t)));
-  for (int64_t s0 = 0; s0 < nblocks * g_block; s0 += chunk) {
-    const int64_t n = std::min(chunk, nblocks * g_block - s0);
-    FillRandom<<<1024, 256>>>(k, n * row, 2 * s0 + 1, kHeadDim);
-    FillRandom<<<1024, 256>>>(v, n * row, 2 * s0 + 2, kHeadDim);
-    Iota<<<256, 256>>>(sm, n, s0);
-    CHECK_CUDA(cudaGetLastError());
-    CHECK_CUDA(sc::WriteKvCache(view, k, v, sm, static_cast<int32_t>(n), nullptr));
-  }
-  CHECK_CUDA(cudaDeviceSynchronize());
-  CHECK_CUDA(cudaFree(k));
-  CHECK_CUDA(cudaFree(v));
-  CHECK_CUDA(cudaFree(sm));
-  std::vector<int32_t*> tables;
-  std::vector<int32_t> ids(blocks_one);
-  uint64_t rng = 4242;
-  for (int c = 0; c < copies; ++c) {
-    for (int64_t i = 0; i < blocks_one; ++i) ids[i] = static_cast<int32_t>(c * blocks_one + i);
-    for (int64_t i = blocks_one - 1; i > 0; --i) {
-      rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-      std::swap(ids[i], ids[(rng >> 33) % (i + 1)]);
-    }
-    int32_t* t;
-    CHECK_CUDA(cudaMalloc(&t, ids.size() * sizeof(int32_t)));
-    CHECK_CUDA(cudaMemcpy(t, ids.data(), ids.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-    tables.push_back(t);
-  }
-  std::vector<int32_t> ctxs(batch, ctx), qs(batch + 1);
+  FillCache(view);
+  const std::vector<int32_t*> tables = ShuffledTables(blocks_one, copies, 4242);
+  std::vector<int32_t> qs(batch + 1);
   for (int i = 0; i <= batch; ++i) qs[i] = i;
-  int32_t *d_ctx, *d_qs;
-  CHECK_CUDA(cudaMalloc(&d_ctx, batch * sizeof(int32_t)));
-  CHECK_CUDA(cudaMalloc(&d_qs, (batch + 1) * sizeof(int32_t)));
-  CHECK_CUDA(cudaMemcpy(d_ctx, ctxs.data(), batch * sizeof(int32_t), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(d_qs, qs.data(), (batch + 1) * sizeof(int32_t), cudaMemcpyHostToDevice));
+  int32_t* d_ctx = UploadInts(std::vector<int32_t>(batch, ctx));
+  int32_t* d_qs = UploadInts(qs);
   const size_t qn = size_t(batch) * heads * kHeadDim;
   float *q, *out;
   CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
