@@ -4,6 +4,7 @@
 // Prints numbers; it is not a test.
 //
 //   cpu_decode_bench --model ../shared/data/models/stories15M --batches 1,16
+//   cpu_decode_bench --fma-peak   (the ceiling batch 16's GEMMs are held to)
 //
 // Timings on a shared machine are noisy, so every repeat runs all (weight
 // dtype, batch) cells back to back and the table shows the best and the
@@ -19,7 +20,12 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "CLI/CLI.hpp"
 #include "kernels/cpu/gemm_cpu.h"
@@ -52,6 +58,48 @@ struct Cell {
   std::vector<double> tps;  // one per repeat
 };
 
+// The cores' fp32 FMA peak: 12 independent AVX-512 FMA chains per thread, one
+// thread per hardware thread; GFLOP/s (2 per multiply-add), best of 3; 0
+// without AVX-512 in the build.
+double FmaPeakGflops() {
+#if defined(__AVX512F__)
+  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  constexpr int64_t kIters = 16'000'000;  // per chain
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    std::vector<float> sink(threads);
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t) {
+      pool.emplace_back([&sink, t] {
+        __m512 a[12];
+        for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(1.0f + i * 1e-7f);
+        const __m512 b = _mm512_set1_ps(0.9999999f), c = _mm512_set1_ps(1e-8f);
+        for (int64_t k = 0; k < kIters; ++k) {
+          for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
+        }
+        __m512 s = a[0];
+        for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, a[i]);
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, s);
+        float r = 0;
+        for (float x : lanes) r += x;
+        sink[t] = r;
+      });
+    }
+    for (std::thread& th : pool) th.join();
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    float all = 0;
+    for (float x : sink) all += x;
+    if (all == 12345.0f) std::printf(" ");  // keeps the chains live
+    best = std::max(best, 2.0 * 16 * 12 * kIters * threads / sec / 1e9);
+  }
+  return best;
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -69,9 +117,22 @@ int main(int argc, char** argv) {
   app.add_option("--prompt-len", prompt_len)->capture_default_str();
   app.add_option("--gen-len", gen_len)->capture_default_str();
   app.add_option("--repeats", repeats)->capture_default_str();
+  bool fma_peak = false;
+  app.add_flag("--fma-peak", fma_peak,
+               "only print the cores' fp32 FMA peak (AVX-512 chains on every hardware thread)");
   app.add_option("--omp-wait-policy", wait_policy,
                  "re-run with OMP_WAIT_POLICY set to this (active, passive); default: as inherited");
   CLI11_PARSE(app, argc, argv);
+  if (fma_peak) {
+    const double g = FmaPeakGflops();
+    if (g == 0) {
+      std::fprintf(stderr, "cpu_decode_bench: --fma-peak needs an AVX-512 build (-march=native)\n");
+      return 2;
+    }
+    std::printf("fp32 FMA peak: %.1f GFLOP/s on %u hardware threads\n", g,
+                std::max(1u, std::thread::hardware_concurrency()));
+    return 0;
+  }
 
   if (!wait_policy.empty() && Env("OMP_WAIT_POLICY") != wait_policy) {
     setenv("OMP_WAIT_POLICY", wait_policy.c_str(), 1);
