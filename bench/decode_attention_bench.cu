@@ -18,7 +18,8 @@
 //             4096- and 16384-token contexts (tensor-core kernel for fp16 /
 //             fp8 / int8 / int4; bf16 runs the CUDA-core kernel)
 //   --prefill-only  only that
-//   --sweep   also time partition sizes 256..2048 at contexts 512 and 4096
+//   --sweep   also time every partition size the format's kernel takes (256..8192;
+//             at 32768 from 1024)
 //   --ctx N   only this context length (e.g. under a profiler)
 //   --iters N / --warmup N  timed / untimed calls per case
 //   --block-size N  tokens per cache block (default 16, the issue's shape)
@@ -680,11 +681,11 @@ int main(int argc, char** argv) {
                   ctx, fc.name, plan.partition_size, plan.max_splits, s.copies, us, gbps,
                   100 * gbps / copy_bw, sync_us);
       std::fflush(stdout);
-      if (sweep && ctx != 32768) {
-        for (int p : {256, 512, 1024, 2048, 4096}) {
-          if (p > sc::MaxDecodePartition(s.view)) continue;
+      if (sweep) {
+        for (int p : {256, 512, 1024, 2048, 4096, 8192}) {
+          if (p > sc::MaxDecodePartition(s.view) || p >= 2 * ctx || (ctx == 32768 && p < 1024)) continue;
           const auto pp = sc::PlanDecodeWithPartition(s.view, kBatch, kHeads, ctx, p);
-          const double t = TimeDecode(s, pp, ctx, quick ? 5 : 50).queued_ms * 1e3;
+          const double t = TimeDecode(s, pp, ctx, quick ? 5 : (ctx == 32768 ? 30 : 50)).queued_ms * 1e3;
           std::printf("    sweep P %4d: %9.1f us  %6.0f GB/s\n", p, t,
                       StepBytes(s.view, ctx) / (t * 1e-6) / 1e9);
         }
