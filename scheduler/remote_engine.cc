@@ -180,11 +180,24 @@ absl::Status RemoteEngine::Step(const StepInput& input, StepOutput* output) {
   if (shut_down_) return absl::UnavailableError("the remote engine was shut down");
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t step_id = next_step_id_++;
-  v1::SchedulerMessage msg;
-  StepToProto(step_id, input, msg.mutable_step());
+  // Serialized once for every rank (Send would copy and serialize the message
+  // per rank, one rank after the other); step_proto_ keeps its sequences'
+  // allocations from step to step.
+  step_proto_.Clear();
+  StepToProto(step_id, input, &step_proto_);
+  std::string bytes;
+  if (!step_proto_.SerializeToString(&bytes)) {
+    return Fail(absl::InternalError(absl::StrCat("step ", step_id, " could not be serialized")));
+  }
   const int n = static_cast<int>(workers_.size());
   for (int r = 0; r < n; ++r) {
-    absl::Status s = r + 1 < n ? workers_[r]->Send(msg) : workers_[r]->Send(std::move(msg));
+    v1::SchedulerMessage msg;
+    if (r + 1 < n) {
+      msg.set_step_serialized(bytes);
+    } else {
+      msg.set_step_serialized(std::move(bytes));
+    }
+    absl::Status s = workers_[r]->Send(std::move(msg));
     if (!s.ok()) {
       return Fail(absl::UnavailableError(absl::StrCat("tensor-parallel worker ", workers_[r]->Describe(),
                                                       " is gone before step ", step_id, ": ", s.message())));

@@ -136,6 +136,7 @@ class RemoteEngine final : public Engine {
   std::vector<int64_t> rank_us_;  // this step: (worker_us, engine_us) per rank
   absl::Duration step_timeout_;
   int64_t next_step_id_ = 1;
+  worker::v1::Step step_proto_;  // the step being sent (engine thread), reused
   bool shut_down_ = false;
 
   mutable absl::Mutex mu_;

@@ -332,8 +332,20 @@ class WorkerSession::Impl {
       inbox.queue.pop_front();
       return true;
     };
+    v1::Step step_msg;
+    std::chrono::steady_clock::time_point t0;
+    auto run_step = [&](const v1::Step& step) {
+      v1::StepResult* r = reply.mutable_step_result();
+      r->set_step_id(step.step_id());
+      const absl::Status s = HandleStep(step, r);
+      StatusToProto(s, r->mutable_status());
+      // A step rejected by validation leaves every rank in lockstep;
+      // anything else (a collective failed) does not.
+      if (!s.ok() && s.code() != absl::StatusCode::kInvalidArgument) fatal = s;
+      r->set_worker_us(MicrosSince(t0));
+    };
     while (wrote && next(&msg)) {
-      const auto t0 = std::chrono::steady_clock::now();
+      t0 = std::chrono::steady_clock::now();
       reply.Clear();
       switch (msg.kind_case()) {
         case v1::SchedulerMessage::kInit: {
@@ -346,17 +358,18 @@ class WorkerSession::Impl {
           StatusToProto(HandleAllocate(msg.allocate(), a->mutable_memory()), a->mutable_status());
           break;
         }
-        case v1::SchedulerMessage::kStep: {
-          v1::StepResult* r = reply.mutable_step_result();
-          r->set_step_id(msg.step().step_id());
-          const absl::Status s = HandleStep(msg.step(), r);
-          StatusToProto(s, r->mutable_status());
-          // A step rejected by validation leaves every rank in lockstep;
-          // anything else (a collective failed) does not.
-          if (!s.ok() && s.code() != absl::StatusCode::kInvalidArgument) fatal = s;
-          r->set_worker_us(MicrosSince(t0));
+        case v1::SchedulerMessage::kStep:
+          run_step(msg.step());
           break;
-        }
+        case v1::SchedulerMessage::kStepSerialized:
+          // Parsed into a message kept across steps: its sequences'
+          // allocations are reused.
+          if (!step_msg.ParseFromString(msg.step_serialized())) {
+            fatal = absl::InvalidArgumentError("the scheduler sent a step that does not parse");
+            break;
+          }
+          run_step(step_msg);
+          break;
         case v1::SchedulerMessage::kShutdown:
           spdlog::info("rank {}: shutdown requested ({})", o_.rank, msg.shutdown().reason());
           stream->WritesDone();
