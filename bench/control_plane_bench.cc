@@ -14,6 +14,12 @@
 // in two reply modes: "logits" (rank 0 returns the last row's logits, as
 // EngineLoop samples on the scheduler today) and "sampled" (rank 0 samples and
 // returns token ids only).
+//
+//   control_plane_bench --codec [--batch 256,1024] [--context 600] [--steps 40]
+// times only the step's wire form on this machine, no workers: building the
+// Step message (StepToProto), its one serialization, a worker's parse and
+// StepFromProto, for a decode step of each batch size whose sequences hold
+// --context tokens (block tables of 16-token blocks); medians over --steps.
 #include <omp.h>
 
 #include <algorithm>
@@ -29,6 +35,7 @@
 #include "runtime/weights.h"
 #include "scheduler/worker_pool.h"
 #include "worker/cpu_engine.h"
+#include "worker/worker_service.h"
 
 extern "C" void openblas_set_num_threads(int num_threads);
 
@@ -187,6 +194,45 @@ int Run(const Config& cfg) {
   return 0;
 }
 
+int RunCodec(const Config& cfg) {
+  std::printf("step wire form: decode steps, %d cached tokens per sequence (16-token blocks), "
+              "median of %d, microseconds\n\n", cfg.context, cfg.steps);
+  std::printf("| batch | bytes | build | serialize | parse | StepFromProto | total |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|\n");
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  auto us = [](auto a, auto b) { return std::chrono::duration<double, std::micro>(b - a).count(); };
+  for (int batch : cfg.batches) {
+    const Workload w = MakeWorkload(batch, cfg.context, 1, 16, /*sample=*/true, 32000);
+    const StepInput& in = w.decodes[0];
+    worker::v1::Step step, parsed;  // reused, as RemoteEngine and the worker do
+    StepInput out;
+    std::string bytes;
+    std::vector<double> build, ser, parse, from, total;
+    for (int i = 0; i < cfg.steps; ++i) {
+      const auto t0 = now();
+      step.Clear();
+      StepToProto(i, in, &step);
+      const auto t1 = now();
+      bytes.clear();
+      if (!step.SerializeToString(&bytes)) return 1;
+      const auto t2 = now();
+      if (!parsed.ParseFromString(bytes)) return 1;
+      const auto t3 = now();
+      const absl::Status st = StepFromProto(parsed, &out);
+      const auto t4 = now();
+      if (!st.ok() || out.seqs.size() != in.seqs.size()) {
+        std::fprintf(stderr, "round trip failed: %s\n", st.ToString().c_str());
+        return 1;
+      }
+      build.push_back(us(t0, t1)), ser.push_back(us(t1, t2)), parse.push_back(us(t2, t3));
+      from.push_back(us(t3, t4)), total.push_back(us(t0, t4));
+    }
+    std::printf("| %d | %zu | %.0f | %.0f | %.0f | %.0f | %.0f |\n", batch, bytes.size(), Median(build),
+                Median(ser), Median(parse), Median(from), Median(total));
+  }
+  return 0;
+}
+
 std::vector<int> ParseList(const std::string& s) {
   std::vector<int> out;
   for (absl::string_view p : absl::StrSplit(s, ',')) {
@@ -210,6 +256,8 @@ int main(int argc, char** argv) {
   app.add_option("--steps", cfg.steps, "decode steps per configuration")->check(CLI::PositiveNumber);
   app.add_option("--context", cfg.context, "tokens cached per sequence before decoding")->check(CLI::PositiveNumber);
   app.add_option("--threads", cfg.threads, "threads per worker")->check(CLI::PositiveNumber);
+  bool codec = false;
+  app.add_flag("--codec", codec, "only the step's wire form: build, serialize, parse, convert (no workers)");
   CLI11_PARSE(app, argc, argv);
   cfg.tps = strata::ParseList(tps);
   cfg.batches = strata::ParseList(batches);
@@ -217,5 +265,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--tp and --batch need positive integers\n");
     return 2;
   }
-  return strata::Run(cfg);
+  return codec ? strata::RunCodec(cfg) : strata::Run(cfg);
 }

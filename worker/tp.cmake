@@ -34,6 +34,10 @@ add_library(strata_worker_rpc STATIC ${STRATA_WORKER_RPC_SRCS})
 target_include_directories(strata_worker_rpc PUBLIC ${STRATA_TP_ROOT})
 target_link_libraries(strata_worker_rpc PUBLIC ${STRATA_WORKER_RPC_DEPS})
 
+strata_cc_test(worker_service_test
+  SRCS ${STRATA_TP_WORKER_DIR}/worker_service_test.cc
+  DEPS strata_worker_rpc)
+
 # With CUDA, the strata-worker executable runs the GPU engine when the scheduler
 # asks for --device cuda: it links a CUDA build of the same sources. The
 # scheduler and the tests keep linking strata_worker_rpc, which needs no CUDA.

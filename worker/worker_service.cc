@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <bit>
 #include <chrono>
 #include <cstring>
 #include <deque>
@@ -113,22 +114,83 @@ absl::Status MovesFromProto(const google::protobuf::RepeatedField<int32_t>& p, c
 
 }  // namespace
 
+namespace {
+
+static_assert(std::endian::native == std::endian::little,
+              "the step's int32 columns travel as little-endian bytes");
+
+// Column `what` of a step as `count` values of T (count < 0: any number),
+// copied out of the message's bytes (which need not be aligned).
+template <class T>
+absl::Status ReadColumn(const std::string& bytes, const char* what, int64_t count, std::vector<T>* out) {
+  if (bytes.size() % sizeof(T) != 0 || (count >= 0 && bytes.size() != static_cast<size_t>(count) * sizeof(T))) {
+    return absl::InvalidArgumentError(absl::StrCat("step column ", what, ": ", bytes.size(), " bytes, expected ",
+                                                   count >= 0 ? absl::StrCat(count, " values of ", sizeof(T))
+                                                              : absl::StrCat("a multiple of ", sizeof(T))));
+  }
+  out->resize(bytes.size() / sizeof(T));
+  if (!out->empty()) std::memcpy(out->data(), bytes.data(), bytes.size());
+  return absl::OkStatus();
+}
+
+// Offsets of `n` ranges into a column of `total` values: from 0, non-decreasing, ending at total.
+absl::Status CheckOffsets(const std::vector<int32_t>& begin, const char* what, int64_t total) {
+  for (size_t i = 0; i + 1 < begin.size(); ++i) {
+    if (begin[i] > begin[i + 1]) {
+      return absl::InvalidArgumentError(absl::StrCat("step column ", what, " decreases at sequence ", i));
+    }
+  }
+  if (begin.front() != 0 || begin.back() != total) {
+    return absl::InvalidArgumentError(absl::StrCat("step column ", what, " spans [", begin.front(), ", ",
+                                                   begin.back(), ") of ", total, " values"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 void StepToProto(int64_t step_id, const StepInput& in, v1::Step* out) {
+  const size_t n = in.seqs.size();
+  size_t num_tokens = 0, num_blocks = 0;
+  for (const SeqStepInput& s : in.seqs) num_tokens += s.tokens.size(), num_blocks += s.block_table.size();
   out->set_step_id(step_id);
-  out->mutable_seqs()->Reserve(static_cast<int>(in.seqs.size()));
-  for (const SeqStepInput& s : in.seqs) {
-    v1::SeqStep* p = out->add_seqs();
-    p->mutable_tokens()->Add(s.tokens.begin(), s.tokens.end());
-    p->set_start_pos(s.start_pos);
-    p->mutable_block_table()->Add(s.block_table.begin(), s.block_table.end());
-    p->set_logits(static_cast<int32_t>(s.logits));
+  out->set_num_seqs(static_cast<int32_t>(n));
+  std::string* tokens = out->mutable_tokens();
+  std::string* token_begin = out->mutable_token_begin();
+  std::string* tables = out->mutable_block_tables();
+  std::string* table_begin = out->mutable_table_begin();
+  std::string* start_pos = out->mutable_start_pos();
+  std::string* logits = out->mutable_logits();
+  std::string* sample = out->mutable_sample();
+  tokens->resize(num_tokens * 4);
+  tables->resize(num_blocks * 4);
+  token_begin->resize((n + 1) * 4);
+  table_begin->resize((n + 1) * 4);
+  start_pos->resize(n * 4);
+  logits->resize(n);
+  sample->resize(n);
+  int32_t tok = 0, blk = 0;
+  std::memcpy(token_begin->data(), &tok, 4);
+  std::memcpy(table_begin->data(), &blk, 4);
+  for (size_t i = 0; i < n; ++i) {
+    const SeqStepInput& s = in.seqs[i];
+    if (!s.tokens.empty()) std::memcpy(tokens->data() + size_t{4} * tok, s.tokens.data(), 4 * s.tokens.size());
+    if (!s.block_table.empty()) {
+      std::memcpy(tables->data() + size_t{4} * blk, s.block_table.data(), 4 * s.block_table.size());
+    }
+    tok += static_cast<int32_t>(s.tokens.size());
+    blk += static_cast<int32_t>(s.block_table.size());
+    std::memcpy(token_begin->data() + 4 * (i + 1), &tok, 4);
+    std::memcpy(table_begin->data() + 4 * (i + 1), &blk, 4);
+    std::memcpy(start_pos->data() + 4 * i, &s.start_pos, 4);
+    (*logits)[i] = static_cast<char>(s.logits);
+    (*sample)[i] = s.sample ? 1 : 0;
     if (s.sample) {
-      p->set_sample(true);
-      p->set_temperature(s.sampling.temperature);
-      p->set_top_k(s.sampling.top_k);
-      p->set_top_p(s.sampling.top_p);
-      p->set_seed(s.sampling.seed);
-      p->set_num_logprobs(s.num_logprobs);
+      out->add_temperature(s.sampling.temperature);
+      out->add_top_k(s.sampling.top_k);
+      out->add_top_p(s.sampling.top_p);
+      out->add_seed(s.sampling.seed);
+      out->add_num_logprobs(s.num_logprobs);
     }
   }
   MovesToProto(in.swap_out, out->mutable_swap_out());
@@ -137,26 +199,56 @@ void StepToProto(int64_t step_id, const StepInput& in, v1::Step* out) {
 }
 
 absl::Status StepFromProto(const v1::Step& p, StepInput* in) {
-  in->seqs.resize(p.seqs_size());
-  for (int i = 0; i < p.seqs_size(); ++i) {
-    const v1::SeqStep& q = p.seqs(i);
+  const int64_t n = p.num_seqs();
+  if (n < 0) return absl::InvalidArgumentError(absl::StrCat("step with ", n, " sequences"));
+  std::vector<int32_t> token_begin, table_begin, start_pos;
+  std::vector<uint8_t> logits, sample;
+  RETURN_IF_ERROR(ReadColumn(p.token_begin(), "token_begin", n + 1, &token_begin));
+  RETURN_IF_ERROR(ReadColumn(p.table_begin(), "table_begin", n + 1, &table_begin));
+  RETURN_IF_ERROR(ReadColumn(p.start_pos(), "start_pos", n, &start_pos));
+  RETURN_IF_ERROR(ReadColumn(p.logits(), "logits", n, &logits));
+  RETURN_IF_ERROR(ReadColumn(p.sample(), "sample", n, &sample));
+  if (p.tokens().size() % 4 != 0 || p.block_tables().size() % 4 != 0) {
+    return absl::InvalidArgumentError("step columns tokens / block_tables are not whole int32 values");
+  }
+  RETURN_IF_ERROR(CheckOffsets(token_begin, "token_begin", static_cast<int64_t>(p.tokens().size() / 4)));
+  RETURN_IF_ERROR(CheckOffsets(table_begin, "table_begin", static_cast<int64_t>(p.block_tables().size() / 4)));
+  int64_t samplers = 0;
+  for (uint8_t x : sample) samplers += x != 0;
+  if (p.temperature_size() != samplers || p.top_k_size() != samplers || p.top_p_size() != samplers ||
+      p.seed_size() != samplers || p.num_logprobs_size() != samplers) {
+    return absl::InvalidArgumentError(absl::StrCat("step sampling columns do not match its ", samplers,
+                                                   " sampling sequences"));
+  }
+  in->seqs.resize(static_cast<size_t>(n));
+  int k = 0;  // index into the sampling columns
+  for (int64_t i = 0; i < n; ++i) {
     SeqStepInput& s = in->seqs[i];
-    s.tokens.assign(q.tokens().begin(), q.tokens().end());
-    s.start_pos = q.start_pos();
-    s.block_table.assign(q.block_table().begin(), q.block_table().end());
-    if (q.logits() < 0 || q.logits() > 2) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": unknown logits mode ", q.logits()));
+    s.tokens.resize(static_cast<size_t>(token_begin[i + 1] - token_begin[i]));
+    if (!s.tokens.empty()) {
+      std::memcpy(s.tokens.data(), p.tokens().data() + size_t{4} * token_begin[i], 4 * s.tokens.size());
     }
-    s.logits = static_cast<SeqStepInput::Logits>(q.logits());
-    s.sample = q.sample();
+    s.block_table.resize(static_cast<size_t>(table_begin[i + 1] - table_begin[i]));
+    if (!s.block_table.empty()) {
+      std::memcpy(s.block_table.data(), p.block_tables().data() + size_t{4} * table_begin[i],
+                  4 * s.block_table.size());
+    }
+    s.start_pos = start_pos[i];
+    if (logits[i] > 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", i, ": unknown logits mode ", static_cast<int>(logits[i])));
+    }
+    s.logits = static_cast<SeqStepInput::Logits>(logits[i]);
+    s.sample = sample[i] != 0;
     s.sampling = SamplingParams{};
     s.num_logprobs = -1;
     if (s.sample) {
-      s.sampling.temperature = q.temperature();
-      s.sampling.top_k = q.top_k();
-      s.sampling.top_p = q.top_p();
-      s.sampling.seed = q.seed();
-      s.num_logprobs = q.num_logprobs();
+      s.sampling.temperature = p.temperature(k);
+      s.sampling.top_k = p.top_k(k);
+      s.sampling.top_p = p.top_p(k);
+      s.sampling.seed = p.seed(k);
+      s.num_logprobs = p.num_logprobs(k);
+      ++k;
       if (s.num_logprobs > 20) {
         return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": num_logprobs above 20"));
       }
@@ -358,9 +450,6 @@ class WorkerSession::Impl {
           StatusToProto(HandleAllocate(msg.allocate(), a->mutable_memory()), a->mutable_status());
           break;
         }
-        case v1::SchedulerMessage::kStep:
-          run_step(msg.step());
-          break;
         case v1::SchedulerMessage::kStepSerialized:
           // Parsed into a message kept across steps: its sequences'
           // allocations are reused.

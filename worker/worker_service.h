@@ -35,7 +35,7 @@
 
 namespace strata {
 
-inline constexpr uint32_t kWorkerProtocolVersion = 2;  // 2: steps as step_serialized
+inline constexpr uint32_t kWorkerProtocolVersion = 2;  // 2: steps serialized once, as columns
 // Metadata key carrying the shared secret on every control-plane call.
 inline constexpr char kSecretMetadataKey[] = "x-strata-secret";
 
