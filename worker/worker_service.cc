@@ -112,10 +112,6 @@ absl::Status MovesFromProto(const google::protobuf::RepeatedField<int32_t>& p, c
   return absl::OkStatus();
 }
 
-}  // namespace
-
-namespace {
-
 static_assert(std::endian::native == std::endian::little,
               "the step's int32 columns travel as little-endian bytes");
 
@@ -123,10 +119,12 @@ static_assert(std::endian::native == std::endian::little,
 // copied out of the message's bytes (which need not be aligned).
 template <class T>
 absl::Status ReadColumn(const std::string& bytes, const char* what, int64_t count, std::vector<T>* out) {
-  if (bytes.size() % sizeof(T) != 0 || (count >= 0 && bytes.size() != static_cast<size_t>(count) * sizeof(T))) {
-    return absl::InvalidArgumentError(absl::StrCat("step column ", what, ": ", bytes.size(), " bytes, expected ",
-                                                   count >= 0 ? absl::StrCat(count, " values of ", sizeof(T))
-                                                              : absl::StrCat("a multiple of ", sizeof(T))));
+  if (bytes.size() % sizeof(T) != 0 ||
+      (count >= 0 && bytes.size() != static_cast<size_t>(count) * sizeof(T))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("step column ", what, ": ", bytes.size(), " bytes, expected ",
+                     count >= 0 ? absl::StrCat(count, " values of ", sizeof(T))
+                                : absl::StrCat("a multiple of ", sizeof(T))));
   }
   out->resize(bytes.size() / sizeof(T));
   if (!out->empty()) std::memcpy(out->data(), bytes.data(), bytes.size());
@@ -174,7 +172,9 @@ void StepToProto(int64_t step_id, const StepInput& in, v1::Step* out) {
   std::memcpy(table_begin->data(), &blk, 4);
   for (size_t i = 0; i < n; ++i) {
     const SeqStepInput& s = in.seqs[i];
-    if (!s.tokens.empty()) std::memcpy(tokens->data() + size_t{4} * tok, s.tokens.data(), 4 * s.tokens.size());
+    if (!s.tokens.empty()) {
+      std::memcpy(tokens->data() + size_t{4} * tok, s.tokens.data(), 4 * s.tokens.size());
+    }
     if (!s.block_table.empty()) {
       std::memcpy(tables->data() + size_t{4} * blk, s.block_table.data(), 4 * s.block_table.size());
     }

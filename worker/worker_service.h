@@ -49,8 +49,10 @@ void ConfigToProto(const ModelConfig& c, worker::v1::ModelConfigProto* out);
 ModelConfig ConfigFromProto(const worker::v1::ModelConfigProto& p);
 
 void StepToProto(int64_t step_id, const StepInput& in, worker::v1::Step* out);
-// INVALID_ARGUMENT for malformed messages (odd pair lists, unknown enums);
-// the engine validates the rest against its pools.
+// The step's sequences travel as columns (proto/worker.proto). StepFromProto:
+// INVALID_ARGUMENT naming the column for malformed messages (column sizes,
+// offsets, sampling columns, odd pair lists, unknown enums); the engine
+// validates the rest against its pools.
 absl::Status StepFromProto(const worker::v1::Step& p, StepInput* in);
 
 // Rank 0's output: the logits of rows the caller asked for, and samples.
