@@ -35,7 +35,7 @@
 #include "runtime/weights.h"
 #include "scheduler/worker_pool.h"
 #include "worker/cpu_engine.h"
-#include "worker/worker_service.h"
+#include "worker/worker_wire.h"
 
 extern "C" void openblas_set_num_threads(int num_threads);
 

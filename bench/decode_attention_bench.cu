@@ -356,6 +356,27 @@ double StepBytes(const KvCacheView& v, int ctx) {
 // Median time (ms, both methods) of one decode step with the given plan.
 int g_warmup = 3;
 
+// Random queries (seed 77, in *q) and an output buffer for `tokens` tokens of
+// `heads` heads, and attention arguments over them and `view`; the caller
+// sets the batch and frees *q and a.out.
+sc::AttentionArgs ArgsWithQueries(const strata::KvCacheView& view, int64_t tokens, int heads,
+                                  float** q_out) {
+  const size_t qn = size_t(tokens) * heads * kHeadDim;
+  float *q, *out;
+  CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&out, qn * sizeof(float)));
+  FillRandom<<<1024, 256>>>(q, qn, 77, kHeadDim);
+  CHECK_CUDA(cudaGetLastError());
+  sc::AttentionArgs a;
+  a.cache = view;
+  a.query = q;
+  a.out = out;
+  a.num_heads = heads;
+  a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
+  *q_out = q;
+  return a;
+}
+
 Timing TimeDecode(Setup& s, const sc::DecodePlan& plan, int ctx, int iters) {
   void* ws = nullptr;
   if (plan.workspace_bytes > 0) CHECK_CUDA(cudaMalloc(&ws, plan.workspace_bytes));
@@ -387,32 +408,22 @@ double TimePrefill(Setup& s, int ctx, int chunk, int nseq, int iters) {
   for (int i = 0; i <= nseq; ++i) qs[i] = i * chunk;
   int32_t* dqs = UploadInts(qs);
   int32_t* dctx = UploadInts(ctxs);
-  float *q, *out;
-  const size_t qn = size_t(tokens) * kHeads * kHeadDim;
-  CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&out, qn * sizeof(float)));
-  FillRandom<<<1024, 256>>>(q, qn, 77, kHeadDim);
-  CHECK_CUDA(cudaGetLastError());
-  sc::AttentionArgs a;
-  a.cache = s.view;
+  float* q;
+  sc::AttentionArgs a = ArgsWithQueries(s.view, tokens, kHeads, &q);
   a.batch.num_seqs = nseq;
   a.batch.num_tokens = static_cast<int32_t>(tokens);
   a.batch.max_blocks_per_seq = s.blocks_per_seq;
   a.batch.context_lens = dctx;
   a.batch.query_start = dqs;
   a.batch.block_tables = s.tables[0];
-  a.query = q;
-  a.out = out;
-  a.num_heads = kHeads;
-  a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
   const float ms = TimeCalls(g_warmup, iters, [&](int) {
     CHECK_CUDA(sc::PagedPrefillAttention(a, chunk, nullptr));
   }).queued_ms;
-  CheckFinite(out, qn, "prefill");
+  CheckFinite(a.out, size_t(tokens) * kHeads * kHeadDim, "prefill");
   CHECK_CUDA(cudaFree(dqs));
   CHECK_CUDA(cudaFree(dctx));
   CHECK_CUDA(cudaFree(q));
-  CHECK_CUDA(cudaFree(out));
+  CHECK_CUDA(cudaFree(a.out));
   return ms * 1e3;
 }
 
@@ -448,18 +459,8 @@ void TimeMixed(KvFormat f, const char* fname, int heads, int ndec, int dctx, int
   // The decode sub-batch: the first ndec sequences' tables and contexts.
   int32_t* d_dtab = UploadInts({tables.begin(), tables.begin() + size_t(ndec) * mbps});
   int32_t* d_dctx = UploadInts({ctx.begin(), ctx.begin() + ndec});
-  const size_t qn = size_t(t) * heads * kHeadDim;
-  float *q, *out;
-  CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&out, qn * sizeof(float)));
-  FillRandom<<<256, 256>>>(q, qn, 77, kHeadDim);
-  CHECK_CUDA(cudaGetLastError());
-  sc::AttentionArgs a;
-  a.cache = view;
-  a.query = q;
-  a.out = out;
-  a.num_heads = heads;
-  a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
+  float* q;
+  sc::AttentionArgs a = ArgsWithQueries(view, t, heads, &q);
   a.batch.num_seqs = nseq;
   a.batch.num_tokens = t;
   a.batch.max_blocks_per_seq = mbps;
@@ -508,7 +509,7 @@ void TimeMixed(KvFormat f, const char* fname, int heads, int ndec, int dctx, int
     CHECK_CUDA(sc::PagedDecodeAttention(da, plan, ws, nullptr));
     CHECK_CUDA(sc::PagedPrefillAttention(ai, pnew, nullptr));
   });
-  CheckFinite(out, qn, "mixed-step");
+  CheckFinite(a.out, size_t(t) * heads * kHeadDim, "mixed-step");
   std::printf("| %s | %d | %d x %d + %d at %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", fname,
               heads, ndec, dctx, pnew, pctx, pf_all, pf_idx, dec, sbs_all, sbs_idx, ser_all, ser_idx);
   std::fflush(stdout);
@@ -518,7 +519,7 @@ void TimeMixed(KvFormat f, const char* fname, int heads, int ndec, int dctx, int
   for (int32_t* p : {d_tab, d_ctx, d_qs, d_rows, d_pf, d_dtab, d_dctx}) CHECK_CUDA(cudaFree(p));
   if (ws) CHECK_CUDA(cudaFree(ws));
   CHECK_CUDA(cudaFree(q));
-  CHECK_CUDA(cudaFree(out));
+  CHECK_CUDA(cudaFree(a.out));
   CHECK_CUDA(cudaFree(view.pool));
 }
 
@@ -541,17 +542,8 @@ void PlanSweep(KvFormat f, const char* fname, int batch, int ctx, int heads, int
   for (int i = 0; i <= batch; ++i) qs[i] = i;
   int32_t* d_ctx = UploadInts(std::vector<int32_t>(batch, ctx));
   int32_t* d_qs = UploadInts(qs);
-  const size_t qn = size_t(batch) * heads * kHeadDim;
-  float *q, *out;
-  CHECK_CUDA(cudaMalloc(&q, qn * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&out, qn * sizeof(float)));
-  FillRandom<<<256, 256>>>(q, qn, 77, kHeadDim);
-  sc::AttentionArgs a;
-  a.cache = view;
-  a.query = q;
-  a.out = out;
-  a.num_heads = heads;
-  a.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
+  float* q;
+  sc::AttentionArgs a = ArgsWithQueries(view, batch, heads, &q);
   a.batch.num_seqs = a.batch.num_tokens = batch;
   a.batch.max_blocks_per_seq = mbps;
   a.batch.context_lens = d_ctx;
@@ -580,7 +572,7 @@ void PlanSweep(KvFormat f, const char* fname, int batch, int ctx, int heads, int
     all += buf;
     if (us < best_us) best_us = us, best_p = p;
   }
-  CheckFinite(out, qn, "plan-sweep");
+  CheckFinite(a.out, size_t(batch) * heads * kHeadDim, "plan-sweep");
   std::printf("| %s | %d | %d | %d/%d | %d x%d | %.1f | %d | %.1f | %.3f |%s |\n", fname, batch, ctx, heads,
               kv_heads, planned.partition_size, planned.max_splits, planned_us, best_p, best_us,
               planned_us / best_us, all.c_str());
@@ -589,7 +581,7 @@ void PlanSweep(KvFormat f, const char* fname, int batch, int ctx, int heads, int
   CHECK_CUDA(cudaFree(d_ctx));
   CHECK_CUDA(cudaFree(d_qs));
   CHECK_CUDA(cudaFree(q));
-  CHECK_CUDA(cudaFree(out));
+  CHECK_CUDA(cudaFree(a.out));
   CHECK_CUDA(cudaFree(view.pool));
 }
 

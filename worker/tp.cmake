@@ -27,6 +27,7 @@ strata_cc_test(worker_shard_test
 # The worker side of the control plane: wire conversions, the rendezvous
 # store client, the worker session.
 set(STRATA_WORKER_RPC_SRCS ${STRATA_TP_WORKER_DIR}/worker_service.cc
+                           ${STRATA_TP_WORKER_DIR}/worker_wire.cc
                            ${STRATA_TP_WORKER_DIR}/collectives_grpc_store.cc)
 set(STRATA_WORKER_RPC_DEPS strata_cpu_engine strata_collectives strata_proto_worker strata_sampling
                            strata_block_manager spdlog::spdlog gRPC::grpc++)
@@ -34,8 +35,8 @@ add_library(strata_worker_rpc STATIC ${STRATA_WORKER_RPC_SRCS})
 target_include_directories(strata_worker_rpc PUBLIC ${STRATA_TP_ROOT})
 target_link_libraries(strata_worker_rpc PUBLIC ${STRATA_WORKER_RPC_DEPS})
 
-strata_cc_test(worker_service_test
-  SRCS ${STRATA_TP_WORKER_DIR}/worker_service_test.cc
+strata_cc_test(worker_wire_test
+  SRCS ${STRATA_TP_WORKER_DIR}/worker_wire_test.cc
   DEPS strata_worker_rpc)
 
 # With CUDA, the strata-worker executable runs the GPU engine when the scheduler

@@ -1,5 +1,5 @@
-// The worker side of the control plane (proto/worker.proto), and the wire
-// conversions both sides share.
+// The worker side of the control plane (proto/worker.proto); the wire
+// conversions both sides share are in worker_wire.h.
 //
 // A worker process (worker_main.cc) runs one WorkerSession: it dials the
 // scheduler, opens the WorkerControl.Connect stream with the shared secret,
@@ -16,8 +16,6 @@
 // A failed collective leaves the ranks out of lockstep, so after reporting it
 // the worker exits; a step rejected by validation (INVALID_ARGUMENT, the same
 // on every rank) does not.
-//
-// grpc::Status <-> absl::Status conversion happens here and nowhere else.
 #pragma once
 
 #include <cstdint>
@@ -32,32 +30,9 @@
 #include "runtime/model_config.h"
 #include "worker/collectives.h"
 #include "worker/engine.h"
+#include "worker/worker_wire.h"
 
 namespace strata {
-
-inline constexpr uint32_t kWorkerProtocolVersion = 2;  // 2: steps serialized once, as columns
-// Metadata key carrying the shared secret on every control-plane call.
-inline constexpr char kSecretMetadataKey[] = "x-strata-secret";
-
-// ---- shared wire helpers ------------------------------------------------------
-grpc::Status ToGrpcStatus(const absl::Status& s);
-absl::Status FromGrpcStatus(const grpc::Status& s);
-void StatusToProto(const absl::Status& s, worker::v1::StatusProto* out);
-absl::Status StatusFromProto(const worker::v1::StatusProto& p);
-
-void ConfigToProto(const ModelConfig& c, worker::v1::ModelConfigProto* out);
-ModelConfig ConfigFromProto(const worker::v1::ModelConfigProto& p);
-
-void StepToProto(int64_t step_id, const StepInput& in, worker::v1::Step* out);
-// The step's sequences travel as columns (proto/worker.proto). StepFromProto:
-// INVALID_ARGUMENT naming the column for malformed messages (column sizes,
-// offsets, sampling columns, odd pair lists, unknown enums); the engine
-// validates the rest against its pools.
-absl::Status StepFromProto(const worker::v1::Step& p, StepInput* in);
-
-// Rank 0's output: the logits of rows the caller asked for, and samples.
-void OutputToProto(const StepOutput& out, worker::v1::StepResult* p);
-absl::Status OutputFromProto(const worker::v1::StepResult& p, int32_t vocab_size, StepOutput* out);
 
 // Constant-time comparison of secrets.
 bool SecretsEqual(std::string_view a, std::string_view b);

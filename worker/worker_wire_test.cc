@@ -1,7 +1,7 @@
-// The step's wire form (worker_service.h: StepToProto / StepFromProto): a round
+// The step's wire form (worker_wire.h: StepToProto / StepFromProto): a round
 // trip keeps every field of every sequence, and malformed columns are
 // INVALID_ARGUMENT naming the column.
-#include "worker/worker_service.h"
+#include "worker/worker_wire.h"
 
 #include <cstring>
 #include <random>
