@@ -55,8 +55,7 @@ struct Result {
 
 // One measurement: tp ranks, one KV format. Empty `error` on success.
 Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, int ctx, int iters,
-              int warmup, double util, int prefill, bool serialize_attention, int overlap_min_tokens,
-              std::string* error) {
+              int warmup, double util, int prefill, bool serialize_attention, std::string* error) {
   Result res;
   res.tp = tp;
   res.kv = KvFormatName(fmt);
@@ -89,7 +88,6 @@ Result RunOne(const ModelConfig& shape, int tp, const KvFormat& fmt, int batch, 
     o.compute_logits = r == 0;
     o.defer_kv_allocation = true;
     o.overlap_mixed_attention = !serialize_attention;
-    o.tp_overlap_min_tokens = overlap_min_tokens;
     auto e = CudaEngine::CreateDummy(shape, o, 1);
     if (!e.ok()) return fail(e.status());
     engines[r] = std::move(*e);
@@ -201,7 +199,6 @@ int main(int argc, char** argv) {
   std::string model = "llama-2-13b", tps_s = "1,2,4", kvs_s = "fp16,int8", markdown;
   int batch = 64, ctx = 2048, iters = 20, warmup = 3, layers = 0, prefill = 0;
   bool serialize_attention = false;
-  int overlap_min_tokens = 0;
   double util = 0.9;
   app.add_option("--model", model, "named shape (NamedModelShape)");
   app.add_option("--tp", tps_s, "tensor-parallel sizes");
@@ -218,9 +215,6 @@ int main(int argc, char** argv) {
   app.add_flag("--serialize-mixed-attention", serialize_attention,
                "mixed steps: the prefill and the decode attention one after the other (default: side by "
                "side on two streams)");
-  app.add_option("--tp-overlap-min-tokens", overlap_min_tokens,
-                 "steps of at least this many tokens overlap each half's all-reduce with the other "
-                 "half's GEMMs (CudaEngineOptions::tp_overlap_min_tokens; 0: never)");
   app.add_option("--markdown", markdown, "write the table here too");
   CLI11_PARSE(app, argc, argv);
   absl::StatusOr<ModelConfig> shape = NamedModelShape(model);
@@ -243,9 +237,6 @@ int main(int argc, char** argv) {
      << (prefill > 0 ? absl::StrCat(" + one sequence prefilling ", prefill, " tokens (mixed step, run eagerly; "
                                     "attention kernels ", serialize_attention ? "serialized" : "side by side", ")")
                      : std::string())
-     << (overlap_min_tokens > 0 ? absl::StrCat("; tp > 1: all-reduces overlapped with GEMMs in steps of >= ",
-                                             overlap_min_tokens, " tokens")
-                                : std::string())
      << "; median of " << iters << " steps on rank 0" << (prefill > 0 ? "" : " (CUDA graphs)") << ", "
      << "all-reduce share from 5 eager steps\n\n";
   md << "| tp | kv | step ms | vs tp=1 | eager step ms | all-reduce ms (eager) | all-reduce share | KV blocks/rank | alias | host wall ms |\n";
@@ -269,7 +260,7 @@ int main(int argc, char** argv) {
       }
       std::string error;
       const Result r = RunOne(*shape, tp, *fmt, batch, ctx, iters, warmup, util, prefill,
-                                serialize_attention, overlap_min_tokens, &error);
+                                serialize_attention, &error);
       if (!error.empty()) {
         std::fprintf(stderr, "tp=%d %s: %s\n", tp, r.kv.c_str(), error.c_str());
         rc = 1;

@@ -89,7 +89,6 @@ absl::Status RemoteEngine::Handshake(const RemoteEngineOptions& o, absl::Time de
   i->set_max_num_tokens(o.max_num_tokens);
   i->set_enforce_eager(o.enforce_eager);
   i->set_serialize_mixed_attention(o.serialize_mixed_attention);
-  i->set_tp_overlap_min_tokens(o.tp_overlap_min_tokens);
   for (const auto& w : workers_) RETURN_IF_ERROR(w->Send(init));
   int64_t gpu_blocks = INT32_MAX, cpu_blocks = INT32_MAX;
   for (int r = 0; r < n; ++r) {

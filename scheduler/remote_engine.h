@@ -62,7 +62,6 @@ struct RemoteEngineOptions {
   int32_t max_num_tokens = 0;
   bool enforce_eager = false;
   bool serialize_mixed_attention = false;
-  int32_t tp_overlap_min_tokens = 0;  // cuda, tp > 1 (0: off)
 };
 
 // What one rank reported.

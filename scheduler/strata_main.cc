@@ -201,12 +201,6 @@ int main(int argc, char** argv) {
   srv->add_flag("--serialize-mixed-attention", e.serialize_mixed_attention,
                 "--device cuda: in steps with prompt chunks and one-token sequences, run the prefill "
                 "and the decode attention one after the other (default: side by side on two streams)");
-  srv->add_option("--tp-overlap-min-tokens", e.tp_overlap_min_tokens,
-                  "--device cuda, --tp > 1: steps of at least this many tokens run each layer's "
-                  "projections in two halves, one half's all-reduce beside the other half's GEMMs "
-                  "(0: never)")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
   srv->add_option("--kv-cache-dtype", e.kv_cache_dtype,
                   "auto, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int8, int4")->capture_default_str();
   srv->add_option("--kv-scale-mode", e.kv_scale_mode, "none, static, dynamic (default per dtype)");

@@ -129,18 +129,10 @@ TEST_F(ServingGpuTest, GoldenAcrossTpAndKvFormats) {
   std::vector<std::vector<int32_t>> tp1_fp16;
   for (int tp : TpSizes()) {
     std::map<std::string, std::vector<std::vector<int32_t>>> by_dtype;
-    // "fp16-overlap": tp > 1 with every step of two or more tokens (prefill
-    // chunks, and the decode CUDA graphs of two or more sequences) running its
-    // all-reduces beside the GEMMs (--tp-overlap-min-tokens 2).
-    for (const std::string variant : {"fp16", "fp16-overlap", "int8", "fp8_e4m3", "fp8_e5m2"}) {
-      const bool overlap = variant == "fp16-overlap";
-      const std::string dtype = overlap ? "fp16" : variant;
-      if (variant != "fp16" && tp > 2) continue;  // the formats' agreement at tp 1 and 2
-      if (overlap && tp == 1) continue;
+    for (const std::string dtype : {"fp16", "int8", "fp8_e4m3", "fp8_e5m2"}) {
+      if (dtype != "fp16" && tp > 2) continue;  // the formats' agreement at tp 1 and 2
       ServerProcess server;
-      std::vector<std::string> extra;
-      if (overlap) extra = {"--tp-overlap-min-tokens", "2"};
-      ASSERT_TRUE(StartGpu(&server, tp, dtype, extra)) << server.log();
+      ASSERT_TRUE(StartGpu(&server, tp, dtype)) << server.log();
       const std::vector<pid_t> workers = testing::ChildPids(server.pid());
       EXPECT_EQ(workers.size(), static_cast<size_t>(tp));
       auto stub = v1::Generation::NewStub(LoopbackChannel(server.address()));
@@ -149,33 +141,26 @@ TEST_F(ServingGpuTest, GoldenAcrossTpAndKvFormats) {
       EXPECT_EQ(info.tp_size(), tp);
       EXPECT_EQ(info.kv_cache_dtype(), dtype);
       const auto t0 = std::chrono::steady_clock::now();
-      by_dtype[variant] = GenerateGolden(stub.get(), cases);
+      by_dtype[dtype] = GenerateGolden(stub.get(), cases);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       StopAndCheckNoProcessLeft(&server, workers);
       size_t tokens = 0;
-      for (const auto& g : by_dtype[variant]) tokens += g.size();
+      for (const auto& g : by_dtype[dtype]) tokens += g.size();
       std::printf("[gpu-serve] tp=%d kv=%s: %zu tokens for %zu prompts in %.2f s, %u KV blocks\n", tp,
-                  variant.c_str(), tokens, cases.size(), secs, info.gpu_blocks().total());
-    }
-    for (const std::string variant : {"fp16", "fp16-overlap"}) {
-      if (!by_dtype.contains(variant)) continue;
-      const auto& got = by_dtype[variant];
-      ASSERT_EQ(got.size(), cases.size());
-      for (size_t i = 0; i < cases.size(); ++i) {
-        const std::string id = cases[i]["id"];
-        const auto expected = cases[i]["output_ids_ignore_bos"].get<std::vector<int32_t>>();
-        const size_t prompt_len = cases[i]["prompt_ids"].size();
-        const size_t n = std::min<size_t>(cases[i]["stable_prefix_len"]["margin_1e-2"].get<size_t>(),
-                                          256 - prompt_len);
-        ASSERT_EQ(got[i].size(), 256 - prompt_len) << variant << " " << id;
-        for (size_t k = 0; k < n; ++k) {
-          ASSERT_EQ(got[i][k], expected[k]) << "tp " << tp << " " << variant << " " << id << " token " << k;
-        }
-        std::printf("[gpu-serve] tp=%d %s %s: golden over %zu stable tokens OK\n", tp, variant.c_str(),
-                    id.c_str(), n);
-      }
+                  dtype.c_str(), tokens, cases.size(), secs, info.gpu_blocks().total());
     }
     const auto& fp16 = by_dtype["fp16"];
+    ASSERT_EQ(fp16.size(), cases.size());
+    for (size_t i = 0; i < cases.size(); ++i) {
+      const std::string id = cases[i]["id"];
+      const auto expected = cases[i]["output_ids_ignore_bos"].get<std::vector<int32_t>>();
+      const size_t prompt_len = cases[i]["prompt_ids"].size();
+      const size_t n = std::min<size_t>(cases[i]["stable_prefix_len"]["margin_1e-2"].get<size_t>(),
+                                        256 - prompt_len);
+      ASSERT_EQ(fp16[i].size(), 256 - prompt_len) << id;
+      for (size_t k = 0; k < n; ++k) ASSERT_EQ(fp16[i][k], expected[k]) << "tp " << tp << " " << id << " token " << k;
+      std::printf("[gpu-serve] tp=%d fp16 %s: golden over %zu stable tokens OK\n", tp, id.c_str(), n);
+    }
     if (tp1_fp16.empty()) {
       tp1_fp16 = fp16;
     } else {
@@ -186,7 +171,7 @@ TEST_F(ServingGpuTest, GoldenAcrossTpAndKvFormats) {
       // against the golden tokens); beyond it near-ties may flip.
     }
     for (const auto& [dtype, got] : by_dtype) {
-      if (dtype == "fp16") continue;  // (fp16-overlap: agreement with the plain fp16 run)
+      if (dtype == "fp16") continue;
       const auto [same, total] = Agreement(got, fp16);
       std::printf("[gpu-serve] tp=%d kv=%s vs fp16 cache: %zu / %zu tokens agree before the first difference (%.1f%%)\n",
                   tp, dtype.c_str(), same, total, 100.0 * same / total);

@@ -41,15 +41,6 @@ class Collectives {
     (void)data, (void)n, (void)bf16;
     return absl::UnimplementedError("16-bit all-reduce is not supported by this backend");
   }
-  // The same 16-bit sum, enqueued on `cuda_stream` (a cudaStream_t) instead
-  // of the backend's stream: for an engine that runs its collectives on a
-  // stream of their own beside its kernels and orders the two with events
-  // (CudaEngineOptions::tp_overlap_min_tokens). Backends without streams
-  // answer UNIMPLEMENTED.
-  virtual absl::Status AllReduceSumHalfOn(void* data, int64_t n, bool bf16, void* cuda_stream) {
-    (void)data, (void)n, (void)bf16, (void)cuda_stream;
-    return absl::UnimplementedError("stream-ordered all-reduce is not supported by this backend");
-  }
   // Copies `bytes` from `root`'s buffer into every rank's buffer.
   virtual absl::Status Broadcast(void* data, int64_t bytes, int root) = 0;
   // Returns once every rank has entered the barrier (and, for NCCL, once the

@@ -71,14 +71,9 @@ class NcclImpl final : public NcclCollectives {
   }
 
   absl::Status AllReduceSumHalf(void* data, int64_t n, bool bf16) override {
-    return AllReduceSumHalfOn(data, n, bf16, stream_);
-  }
-
-  absl::Status AllReduceSumHalfOn(void* data, int64_t n, bool bf16, void* cuda_stream) override {
     if (comm_ == nullptr) return absl::UnavailableError("NCCL communicator was aborted");
-    if (cuda_stream == nullptr) return absl::InvalidArgumentError("AllReduceSumHalfOn: no stream");
     ncclResult_t r = ncclAllReduce(data, data, static_cast<size_t>(n), bf16 ? ncclBfloat16 : ncclFloat16,
-                                   ncclSum, comm_, static_cast<cudaStream_t>(cuda_stream));
+                                   ncclSum, comm_, stream_);
     if (r != ncclSuccess && r != ncclInProgress) return Check(r, "ncclAllReduce");
     return r == ncclInProgress ? WaitComm("ncclAllReduce") : absl::OkStatus();
   }

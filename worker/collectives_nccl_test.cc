@@ -98,20 +98,10 @@ int RankMain(int rank, const std::string& address, const std::string& scenario) 
     uint16_t* d16 = nullptr;
     CHILD_CHECK(cudaMalloc(&d16, n * 2) == cudaSuccess, "cudaMalloc");
     CHILD_CHECK(cudaMemcpy(d16, h16.data(), n * 2, cudaMemcpyHostToDevice) == cudaSuccess, "copy");
-    if (!bf16) {
-      s = nccl.AllReduceSumHalf(d16, n, bf16);
-      CHILD_CHECK(s.ok(), "allreduce half: %s", s.ToString().c_str());
-      s = nccl.Synchronize();
-      CHILD_CHECK(s.ok(), "sync: %s", s.ToString().c_str());
-    } else {
-      // bf16 on a stream of the caller's (the engine's overlapped all-reduces).
-      cudaStream_t own = nullptr;
-      CHILD_CHECK(cudaStreamCreateWithFlags(&own, cudaStreamNonBlocking) == cudaSuccess, "stream");
-      s = nccl.AllReduceSumHalfOn(d16, n, bf16, own);
-      CHILD_CHECK(s.ok(), "allreduce half on a stream: %s", s.ToString().c_str());
-      CHILD_CHECK(cudaStreamSynchronize(own) == cudaSuccess, "stream sync");
-      cudaStreamDestroy(own);
-    }
+    s = nccl.AllReduceSumHalf(d16, n, bf16);
+    CHILD_CHECK(s.ok(), "allreduce half: %s", s.ToString().c_str());
+    s = nccl.Synchronize();
+    CHILD_CHECK(s.ok(), "sync: %s", s.ToString().c_str());
     CHILD_CHECK(cudaMemcpy(h16.data(), d16, n * 2, cudaMemcpyDeviceToHost) == cudaSuccess, "copy");
     for (int64_t i = 0; i < n; ++i) {
       CHILD_CHECK(h16[i] == bits(static_cast<float>(3 * (i % 64))), "%s sum[%ld]", bf16 ? "bf16" : "fp16",

@@ -77,14 +77,6 @@ CudaEngine::~CudaEngine() {
   }
   if (fork_event_) cudaEventDestroy(fork_event_);
   if (join_event_) cudaEventDestroy(join_event_);
-  if (comm_stream_) {
-    cudaStreamSynchronize(comm_stream_);
-    cudaStreamDestroy(comm_stream_);
-  }
-  for (int i = 0; i < kOverlapParts; ++i) {
-    if (part_ready_[i]) cudaEventDestroy(part_ready_[i]);
-    if (part_reduced_[i]) cudaEventDestroy(part_reduced_[i]);
-  }
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -158,21 +150,6 @@ absl::Status CudaEngine::Init(const ModelConfig& config, const CudaEngineOptions
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&side_stream_, cudaStreamNonBlocking, greatest));
     CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&fork_event_, cudaEventDisableTiming));
     CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&join_event_, cudaEventDisableTiming));
-  }
-  if (options.tp_overlap_min_tokens < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("tp_overlap_min_tokens must be >= 0, got ",
-                                                   options.tp_overlap_min_tokens));
-  }
-  if (options.shard.sharded() && options.tp_overlap_min_tokens > 0) {
-    // Highest priority: the all-reduce's few thread blocks get SMs as soon as
-    // their partial is ready instead of queueing behind the other part's GEMM.
-    int least = 0, greatest = 0;
-    CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, greatest));
-    for (int i = 0; i < kOverlapParts; ++i) {
-      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&part_ready_[i], cudaEventDisableTiming));
-      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&part_reduced_[i], cudaEventDisableTiming));
-    }
   }
   CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
   CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));

@@ -81,13 +81,6 @@ struct CudaEngineOptions {
   // decode attention (each alone fills only part of the GPU once the heads
   // are sharded), joined before the output projection. Off: one after the other.
   bool overlap_mixed_attention = true;
-  // Sharded steps of at least this many tokens (0: never) run the part of each
-  // layer between two attentions in two halves of the tokens, each half's
-  // all-reduce on a collectives stream of its own while the other half's
-  // GEMMs run: o_proj(a), o_proj(b) | MLP(a), MLP(b) | next layer's QKV(a),
-  // QKV(b), with a's all-reduce under b's GEMMs and b's under a's next
-  // GEMMs. Needs a collectives backend with AllReduceSumHalfOn (NCCL).
-  int32_t tp_overlap_min_tokens = 0;
   int device = 0;
   // Tensor parallelism (see above). `collectives` (not owned) must be set
   // before the first step of a sharded engine: here or with set_collectives().
@@ -231,13 +224,6 @@ class CudaEngine final : public Engine {
   // the fp32 all-reduce of the residual).
   // `stage` names the GEMM for the stage profile.
   absl::Status RowParallel(const void* x, const void* w, int64_t tokens, int64_t k, const char* stage);
-  // Overlapped tensor parallelism: enqueues the all-reduce of h_'s rows
-  // [row0, row0 + rows) (this rank's 16-bit partial) on comm_stream_ after
-  // the engine stream's work so far; part_reduced_[part] marks its end.
-  absl::Status ReducePartAsync(int part, int64_t row0, int64_t rows);
-  // The layer's o_proj .. next layer's QKV in kOverlapParts parts (see
-  // tp_overlap_min_tokens); `next` is the next layer or null after the last.
-  absl::Status OverlappedTail(const Layer& lw, const Layer* next, int32_t tokens);
   static absl::StatusOr<std::unique_ptr<CudaEngine>> Finish(std::unique_ptr<CudaEngine> e);
   absl::Status Validate(const StepInput& input) const;
   absl::Status ApplyBlockMoves(const StepInput& input);
@@ -264,12 +250,6 @@ class CudaEngine final : public Engine {
   cudaStream_t stream_ = nullptr;
   cudaStream_t side_stream_ = nullptr;  // mixed steps: the prefill attention
   cudaEvent_t fork_event_ = nullptr, join_event_ = nullptr;
-  // Overlapped tensor parallelism (tp_overlap_min_tokens): the all-reduce
-  // stream, and per half of the tokens the events "partial ready" (engine
-  // stream) and "reduced" (all-reduce stream).
-  static constexpr int kOverlapParts = 2;
-  cudaStream_t comm_stream_ = nullptr;
-  cudaEvent_t part_ready_[kOverlapParts] = {}, part_reduced_[kOverlapParts] = {};
   cublasHandle_t cublas_ = nullptr;
   int num_sms_ = 0;
   int32_t max_blocks_per_seq_ = 0;

@@ -78,19 +78,11 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     return cuda_ops::Gemv(g, act_, stream_);
   };
 
-  // Overlapped tensor parallelism (tp_overlap_min_tokens): each layer's
-  // o_proj .. next layer's QKV in two halves of the tokens, so every layer
-  // starts with its QKV already computed (after the embedding, layer 0's).
-  const bool overlap = !small && comm_stream_ != nullptr && T >= 2 &&
-                       T >= options_.tp_overlap_min_tokens;
-
   CUDA_RETURN_IF_ERROR(cuda_ops::Embed(embed_, act_, dev_.tokens, T, d, x_, stream_));
   RETURN_IF_ERROR(Mark("embed"));
   for (int l = 0; l < c.num_layers; ++l) {
     const Layer& lw = layers_[l];
-    if (overlap && l > 0) {
-      // QKV came with the previous layer's tail.
-    } else if (small) {
+    if (small) {
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kNormF32, lw.wqkv, q + 2 * kv, d, x_, lw.attn_norm, qkv_));
     } else {
       CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.attn_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
@@ -167,10 +159,6 @@ absl::Status CudaEngine::Forward(const Plan& p) {
       continue;
     }
     CUDA_RETURN_IF_ERROR(cuda_ops::ConvertF32(attn_, int64_t{T} * q, attn_t_, act_, stream_));
-    if (overlap) {
-      RETURN_IF_ERROR(OverlappedTail(lw, l + 1 < c.num_layers ? &layers_[l + 1] : nullptr, T));
-      continue;
-    }
     RETURN_IF_ERROR(RowParallel(attn_t_, lw.wo, T, q, "o_proj"));
     CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.mlp_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
     RETURN_IF_ERROR(Gemm(h_, lw.wgu, gu_, false, T, 2 * f, d, false));
@@ -198,62 +186,6 @@ absl::Status CudaEngine::RowParallel(const void* x, const void* w, int64_t token
   RETURN_IF_ERROR(Mark("all_reduce"));
   CUDA_RETURN_IF_ERROR(cuda_ops::AddToF32(h_, act_, tokens * d, x_, stream_));
   return absl::OkStatus();
-}
-
-absl::Status CudaEngine::ReducePartAsync(int part, int64_t row0, int64_t rows) {
-  const int64_t d = config_.hidden_size;
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(part_ready_[part], stream_));
-  CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(comm_stream_, part_ready_[part], 0));
-  void* rows16 = static_cast<char*>(h_) + row0 * d * 2;  // 16-bit activations
-  RETURN_IF_ERROR(options_.collectives->AllReduceSumHalfOn(rows16, rows * d, act_ == ActDtype::kBf16,
-                                                           comm_stream_));
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(part_reduced_[part], comm_stream_));
-  return absl::OkStatus();
-}
-
-absl::Status CudaEngine::OverlappedTail(const Layer& lw, const Layer* next, int32_t tokens) {
-  const ModelConfig& c = config_;
-  const int64_t d = c.hidden_size, q = c.q_size(), kv = c.kv_size(), f = c.intermediate_size;
-  // Parts of the token rows: [begin[i], begin[i + 1]). The partials, norms and
-  // every per-row buffer are row-disjoint between the parts, so a part's
-  // all-reduce (on comm_stream_) can run beside the other part's kernels (on
-  // stream_); stream_ waits for a part's reduction before touching its rows.
-  int64_t begin[kOverlapParts + 1];
-  for (int i = 0; i <= kOverlapParts; ++i) begin[i] = int64_t{tokens} * i / kOverlapParts;
-  auto at = [](void* base, int64_t row, int64_t width) {  // 16-bit row-major buffers
-    return static_cast<void*>(static_cast<char*>(base) + row * width * 2);
-  };
-  // o_proj partials; each half's all-reduce starts as soon as it is ready.
-  for (int i = 0; i < kOverlapParts; ++i) {
-    const int64_t r0 = begin[i], rows = begin[i + 1] - r0;
-    RETURN_IF_ERROR(Gemm(at(attn_t_, r0, q), lw.wo, at(h_, r0, d), false, rows, d, q, false));
-    RETURN_IF_ERROR(ReducePartAsync(i, r0, rows));
-  }
-  // Residual += reduced o_proj; MLP; the down partial's all-reduce.
-  for (int i = 0; i < kOverlapParts; ++i) {
-    const int64_t r0 = begin[i], rows = begin[i + 1] - r0;
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, part_reduced_[i], 0));
-    CUDA_RETURN_IF_ERROR(cuda_ops::AddToF32(at(h_, r0, d), act_, rows * d, x_ + r0 * d, stream_));
-    CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_ + r0 * d, lw.mlp_norm, nullptr, rows, d, c.rms_norm_eps,
-                                           at(h_, r0, d), act_, stream_));
-    RETURN_IF_ERROR(Gemm(at(h_, r0, d), lw.wgu, at(gu_, r0, 2 * f), false, rows, 2 * f, d, false));
-    CUDA_RETURN_IF_ERROR(cuda_ops::SiluMul(at(gu_, r0, 2 * f), rows, f, at(act_buf_, r0, f), act_, stream_));
-    RETURN_IF_ERROR(Gemm(at(act_buf_, r0, f), lw.wdown, at(h_, r0, d), false, rows, d, f, false));
-    RETURN_IF_ERROR(ReducePartAsync(i, r0, rows));
-  }
-  // Residual += reduced down projection; the next layer's norm and QKV.
-  for (int i = 0; i < kOverlapParts; ++i) {
-    const int64_t r0 = begin[i], rows = begin[i + 1] - r0;
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, part_reduced_[i], 0));
-    CUDA_RETURN_IF_ERROR(cuda_ops::AddToF32(at(h_, r0, d), act_, rows * d, x_ + r0 * d, stream_));
-    if (next == nullptr) continue;
-    CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_ + r0 * d, next->attn_norm, nullptr, rows, d, c.rms_norm_eps,
-                                           at(h_, r0, d), act_, stream_));
-    RETURN_IF_ERROR(Gemm(at(h_, r0, d), next->wqkv, qkv_ + r0 * (q + 2 * kv), /*y_fp32=*/true, rows,
-                         q + 2 * kv, d, false));
-  }
-  // stream_ has waited for every reduction: the all-reduce stream is joined.
-  return Mark("o_proj..qkv (overlapped)");
 }
 
 absl::Status CudaEngine::ZeroForPartial(int64_t tokens) {

@@ -325,11 +325,6 @@ class WorkerSession::Impl {
     co.max_num_tokens = std::max(co.max_num_tokens, co.max_num_seqs);
     if (init.enforce_eager()) co.graph_batch_sizes.clear();
     co.overlap_mixed_attention = !init.serialize_mixed_attention();
-    if (init.tp_overlap_min_tokens() < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("--tp-overlap-min-tokens must be >= 0, got ",
-                                                     init.tp_overlap_min_tokens()));
-    }
-    co.tp_overlap_min_tokens = init.tp_overlap_min_tokens();
     co.shard = spec;
     co.compute_logits = o_.rank == 0;
     co.defer_kv_allocation = true;

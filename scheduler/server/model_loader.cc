@@ -167,7 +167,6 @@ absl::Status StartWorkers(const EngineConfig& c, LoadProgress* progress, LoadedM
   e.max_num_tokens = c.max_num_batched_tokens;
   e.enforce_eager = c.enforce_eager;
   e.serialize_mixed_attention = c.serialize_mixed_attention;
-  e.tp_overlap_min_tokens = c.tp_overlap_min_tokens;
   // The cache format's "auto" follows the weights the engine computes with:
   // fp16/bf16 on the GPU, the checkpoint's dtype on the CPU.
   const WeightDtype model_dtype = cuda ? (c.dtype == "bf16" ? WeightDtype::kBf16 : WeightDtype::kFp16)

@@ -59,9 +59,6 @@ struct EngineConfig {
   int32_t max_num_batched_tokens = 0;  // cuda: the engine's per-step token budget (0 = default)
   bool enforce_eager = false;          // cuda: no CUDA graphs
   bool serialize_mixed_attention = false;  // cuda: mixed steps' two attention kernels one after the other
-  // cuda, tp > 1: steps of at least this many tokens overlap the all-reduces
-  // with GEMMs in two halves (CudaEngineOptions::tp_overlap_min_tokens; 0: off).
-  int32_t tp_overlap_min_tokens = 512;
   // Worker processes.
   bool worker_processes = false;  // also for --tp 1
   // Workers started elsewhere (Kubernetes pods, other hosts): nothing is
