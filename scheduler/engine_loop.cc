@@ -68,24 +68,33 @@ absl::Status EngineLoop::Step() {
   sampled_index_.clear();
   result.step_id = plan.step_id;
   if (!plan.seqs.empty() || !plan.swap_in.empty() || !plan.swap_out.empty() || !plan.copy.empty()) {
-    StepInput in;
-    in.seqs.reserve(plan.seqs.size());
+    // The step input is rebuilt in place: its per-sequence vectors keep
+    // their capacity from step to step, so a decode step of a thousand
+    // sequences allocates nothing here.
+    StepInput& in = input_;
+    in.seqs.resize(plan.seqs.size());
+    in.swap_out.clear();
+    in.swap_in.clear();
+    in.copies.clear();
     const bool engine_samples = engine_->SupportsSampling();
-    for (const ScheduledSeq& s : plan.seqs) {
-      SeqStepInput x;
-      x.tokens = s.token_ids;
+    for (size_t i = 0; i < plan.seqs.size(); ++i) {
+      const ScheduledSeq& s = plan.seqs[i];
+      SeqStepInput& x = in.seqs[i];
+      x.tokens.assign(s.token_ids.begin(), s.token_ids.end());
       x.start_pos = s.start_pos;
-      x.block_table.reserve(s.block_table.size());
-      for (BlockId b : s.block_table) x.block_table.push_back(b.value());
+      x.block_table.resize(s.block_table.size());
+      for (size_t k = 0; k < s.block_table.size(); ++k) x.block_table[k] = s.block_table[k].value();
       x.logits = s.needs_logits && !engine_samples ? SeqStepInput::Logits::kLast
                                                    : SeqStepInput::Logits::kNone;
+      x.sample = false;
+      x.sampling = SamplingParams{};
+      x.num_logprobs = -1;
       if (s.needs_logits && engine_samples) {
         const SeqSampling& sp = sampling_.at(s.seq_id);
         x.sample = true;
         x.sampling = sp.params;
         x.num_logprobs = sp.num_logprobs;
       }
-      in.seqs.push_back(std::move(x));
     }
     auto moves = [](const std::vector<BlockCopy>& from, std::vector<KvBlockMove>* to) {
       for (const BlockCopy& c : from) to->push_back({c.src.value(), c.dst.value()});

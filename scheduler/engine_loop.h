@@ -77,6 +77,7 @@ class EngineLoop {
     int32_t num_logprobs = -1;
   };
   absl::flat_hash_map<SeqId, SeqSampling> sampling_;
+  StepInput input_;    // reused across steps (Step rebuilds it in place)
   StepOutput output_;  // reused across steps
   std::vector<int32_t> sampled_index_;  // this step's result.sampled[k] -> plan/output index
 };

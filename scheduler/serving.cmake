@@ -65,3 +65,7 @@ target_compile_definitions(serving_gpu_test PRIVATE STRATA_WORKER_PATH="$<TARGET
 add_dependencies(serving_gpu_test strata strata-worker)
 target_compile_definitions(serving_process_test PRIVATE STRATA_WORKER_PATH="$<TARGET_FILE:strata-worker>")
 add_dependencies(serving_process_test strata-worker)
+
+# Host work of the serving engine per step (prints numbers; not a test).
+add_executable(serving_engine_bench ${CMAKE_SOURCE_DIR}/bench/serving_engine_bench.cc)
+target_link_libraries(serving_engine_bench PRIVATE strata_serving CLI11::CLI11)

@@ -6,6 +6,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "scheduler/server/generation_service.h"
 #include "scheduler/server/request_validation.h"
@@ -193,6 +195,45 @@ TEST(StreamWriter, TasksPostedFromManyThreadsAndFromTasksAllRun) {
     for (std::thread& p : posters) p.join();
   }
   EXPECT_EQ(count.load(), 2000);
+}
+
+// A batch's posts wait for EndBatch and then run in order; another thread's
+// posts meanwhile run without waiting for the batch.
+TEST(StreamWriter, BatchedPostsRunAtEndBatchInOrder) {
+  StreamWriter w;
+  absl::Mutex mu;
+  std::vector<int> seen;
+  auto record = [&](int v) {
+    return [&mu, &seen, v] {
+      absl::MutexLock lock(&mu);
+      seen.push_back(v);
+    };
+  };
+  auto count = [&] {
+    absl::MutexLock lock(&mu);
+    return seen.size();
+  };
+  w.BeginBatch();
+  for (int i = 0; i < 100; ++i) w.Post(record(i));
+  std::thread other([&] { w.Post(record(-1)); });  // not this thread's batch
+  other.join();
+  for (int tries = 0; count() < 1 && tries < 2000; ++tries) absl::SleepFor(absl::Milliseconds(1));
+  {
+    absl::MutexLock lock(&mu);
+    ASSERT_EQ(seen, std::vector<int>{-1});  // the batch is still held
+  }
+  w.EndBatch();
+  for (int tries = 0; count() < 101 && tries < 2000; ++tries) absl::SleepFor(absl::Milliseconds(1));
+  {
+    absl::MutexLock lock(&mu);
+    ASSERT_EQ(seen.size(), 101u);
+    for (int i = 0; i < 100; ++i) EXPECT_EQ(seen[i + 1], i);
+  }
+  // After EndBatch this thread posts directly again.
+  w.Post(record(100));
+  for (int tries = 0; count() < 102 && tries < 2000; ++tries) absl::SleepFor(absl::Milliseconds(1));
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(seen.back(), 100);
 }
 
 }  // namespace strata::serving

@@ -33,6 +33,11 @@ class GenerationService final : public v1::Generation::CallbackService {
   void SetReady(ServingEngine* engine, const Tokenizer* tokenizer, ServingMetrics* metrics,
                 const RequestLimits& limits, const v1::ModelInfo& info);
 
+  // The engine thread's rounds (ServingEngineOptions::begin_round /
+  // end_round): the stream writes of a round go to the writer together.
+  void BeginWriteBatch() { writer_.BeginBatch(); }
+  void EndWriteBatch() { writer_.EndBatch(); }
+
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
   grpc::ServerUnaryReactor* GenerateUnary(grpc::CallbackServerContext* context,

@@ -218,6 +218,8 @@ int RunServe(const ServeOptions& o) {
 
   ServingEngineOptions so;
   so.max_queued_requests = o.max_queued_requests;
+  so.begin_round = [&service] { service.BeginWriteBatch(); };
+  so.end_round = [&service] { service.EndWriteBatch(); };
   SchedulerOptions& sched = so.scheduler;
   sched.max_num_seqs = o.engine.max_num_seqs;
   sched.max_num_batched_tokens = o.max_num_batched_tokens;

@@ -177,10 +177,12 @@ void ServingEngine::Run() {
       commands.swap(inbox_);
       stop = stop_;
     }
+    if (options_.begin_round) options_.begin_round();
     for (Command& c : commands) Apply(c);
     if (stop) {
       FailAll(absl::UnavailableError("server is shutting down"));
       Publish();
+      if (options_.end_round) options_.end_round();
       return;
     }
     if (loop_->HasWork()) {
@@ -214,6 +216,7 @@ void ServingEngine::Run() {
       }
     }
     Publish();
+    if (options_.end_round) options_.end_round();
   }
 }
 

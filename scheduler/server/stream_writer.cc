@@ -14,9 +14,30 @@ StreamWriter::~StreamWriter() {
   thread_.join();
 }
 
+namespace {
+// The writer whose batch this thread is filling, if any.
+thread_local const StreamWriter* tls_batching = nullptr;
+}  // namespace
+
 void StreamWriter::Post(std::function<void()> task) {
+  if (tls_batching == this) {
+    batch_.push_back(std::move(task));
+    return;
+  }
   absl::MutexLock lock(&mu_);
   queue_.push_back(std::move(task));
+}
+
+void StreamWriter::BeginBatch() { tls_batching = this; }
+
+void StreamWriter::EndBatch() {
+  tls_batching = nullptr;
+  if (batch_.empty()) return;
+  {
+    absl::MutexLock lock(&mu_);
+    for (std::function<void()>& task : batch_) queue_.push_back(std::move(task));
+  }
+  batch_.clear();
 }
 
 void StreamWriter::Run() {
