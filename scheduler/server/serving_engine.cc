@@ -177,14 +177,17 @@ void ServingEngine::Run() {
       commands.swap(inbox_);
       stop = stop_;
     }
+    // Two rounds for the sinks (ServingEngineOptions::begin_round): the
+    // commands' answers (cancellations, refusals) go out before the step runs.
     if (options_.begin_round) options_.begin_round();
     for (Command& c : commands) Apply(c);
+    if (stop) FailAll(absl::UnavailableError("server is shutting down"));
+    if (options_.end_round) options_.end_round();
     if (stop) {
-      FailAll(absl::UnavailableError("server is shutting down"));
       Publish();
-      if (options_.end_round) options_.end_round();
       return;
     }
+    if (options_.begin_round) options_.begin_round();
     if (loop_->HasWork()) {
       const absl::Time t0 = absl::Now();
       step_sampled_ = 0;

@@ -71,10 +71,11 @@ struct ServingEngineOptions {
   // Requests accepted but not finished, at most max_num_seqs + this many;
   // beyond that Submit() answers RESOURCE_EXHAUSTED.
   int32_t max_queued_requests = 1024;
-  // Optional, called on the engine thread around each round of work (the
-  // commands taken between steps, then the step), never across an idle
-  // wait: sinks that batch what they hand to another thread per step (the
-  // gRPC stream writer, StreamWriter::BeginBatch / EndBatch) hook in here.
+  // Optional, called on the engine thread around each round of work: the
+  // commands taken between steps (so their answers, e.g. cancellations, do
+  // not wait for the step), then the step; never across an idle wait. Sinks
+  // that batch what they hand to another thread per step (the gRPC stream
+  // writer, StreamWriter::BeginBatch / EndBatch) hook in here.
   std::function<void()> begin_round;
   std::function<void()> end_round;
 };
