@@ -142,14 +142,22 @@ int Run(int argc, char** argv) {
     std::fprintf(stderr, "--tokenizer %s: %s\n", tokenizer_dir.c_str(), tok.status().ToString().c_str());
     return 2;
   }
-  std::printf("| running sequences | steps | host us per step | us per sequence | chunks written |\n");
-  std::printf("|---:|---:|---:|---:|---:|\n");
+  std::vector<int> batch_sizes;
   for (absl::string_view s : absl::StrSplit(seqs_s, ',')) {
     int n = 0;
     if (!absl::SimpleAtoi(s, &n) || n < 1) {
       std::fprintf(stderr, "--seqs: '%s' is not a positive count\n", std::string(s).c_str());
       return 2;
     }
+    batch_sizes.push_back(n);
+  }
+  if (prompt < 1 || prompt > 2000 || steps < 1) {
+    std::fprintf(stderr, "--prompt must be in [1, 2000] and --steps >= 1\n");
+    return 2;
+  }
+  std::printf("| running sequences | steps | host us per step | us per sequence | chunks written |\n");
+  std::printf("|---:|---:|---:|---:|---:|\n");
+  for (const int n : batch_sizes) {
     ModelConfig c;
     c.hidden_size = 64, c.intermediate_size = 128, c.num_layers = 1, c.num_heads = 1, c.num_kv_heads = 1;
     c.head_dim = 64, c.vocab_size = (*tok)->vocab_size(), c.max_position_embeddings = 4096;
