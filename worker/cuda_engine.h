@@ -221,11 +221,9 @@ class CudaEngine final : public Engine {
   // x_ += x . w^T for a row-parallel projection (o_proj, down) of `tokens`
   // rows and k inputs: a residual-accumulating GEMM unsharded; sharded, a
   // 16-bit partial, all-reduced, then added (the small-batch GEMV path keeps
-  // the fp32 all-reduce of the residual). With `next_norm`, also h_ =
-  // RMSNorm(x_) with those weights (sharded: fused with the addition,
-  // cuda_ops::AddRmsNorm). `stage` names the GEMM for the stage profile.
-  absl::Status RowParallel(const void* x, const void* w, int64_t tokens, int64_t k, const char* stage,
-                           const float* next_norm = nullptr);
+  // the fp32 all-reduce of the residual).
+  // `stage` names the GEMM for the stage profile.
+  absl::Status RowParallel(const void* x, const void* w, int64_t tokens, int64_t k, const char* stage);
   static absl::StatusOr<std::unique_ptr<CudaEngine>> Finish(std::unique_ptr<CudaEngine> e);
   absl::Status Validate(const StepInput& input) const;
   absl::Status ApplyBlockMoves(const StepInput& input);

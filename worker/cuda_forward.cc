@@ -85,11 +85,7 @@ absl::Status CudaEngine::Forward(const Plan& p) {
     if (small) {
       CUDA_RETURN_IF_ERROR(gemv(cuda_ops::GemvKind::kNormF32, lw.wqkv, q + 2 * kv, d, x_, lw.attn_norm, qkv_));
     } else {
-      // Past layer 0, the previous layer's down projection left h_ =
-      // attn_norm(x_) (RowParallel's next_norm).
-      if (l == 0) {
-        CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.attn_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
-      }
+      CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.attn_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
       RETURN_IF_ERROR(Gemm(h_, lw.wqkv, qkv_, /*y_fp32=*/true, T, q + 2 * kv, d, false));
     }
     RETURN_IF_ERROR(Mark("attn_norm+qkv"));
@@ -163,27 +159,22 @@ absl::Status CudaEngine::Forward(const Plan& p) {
       continue;
     }
     CUDA_RETURN_IF_ERROR(cuda_ops::ConvertF32(attn_, int64_t{T} * q, attn_t_, act_, stream_));
-    RETURN_IF_ERROR(RowParallel(attn_t_, lw.wo, T, q, "o_proj", lw.mlp_norm));
+    RETURN_IF_ERROR(RowParallel(attn_t_, lw.wo, T, q, "o_proj"));
+    CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, lw.mlp_norm, nullptr, T, d, c.rms_norm_eps, h_, act_, stream_));
     RETURN_IF_ERROR(Gemm(h_, lw.wgu, gu_, false, T, 2 * f, d, false));
     RETURN_IF_ERROR(Mark("mlp_norm+gate_up"));
     CUDA_RETURN_IF_ERROR(cuda_ops::SiluMul(gu_, T, f, act_buf_, act_, stream_));
-    RETURN_IF_ERROR(RowParallel(act_buf_, lw.wdown, T, f, "silu+down",
-                                l + 1 < c.num_layers ? layers_[l + 1].attn_norm : nullptr));
+    RETURN_IF_ERROR(RowParallel(act_buf_, lw.wdown, T, f, "silu+down"));
   }
   return absl::OkStatus();
 }
 
 absl::Status CudaEngine::RowParallel(const void* x, const void* w, int64_t tokens, int64_t k,
-                                     const char* stage, const float* next_norm) {
-  const ModelConfig& c = config_;
-  const int64_t d = c.hidden_size;
+                                     const char* stage) {
+  const int64_t d = config_.hidden_size;
   if (!options_.shard.sharded()) {
     RETURN_IF_ERROR(Gemm(x, w, x_, /*y_fp32=*/true, tokens, d, k, /*accumulate=*/true));
-    RETURN_IF_ERROR(Mark(stage));
-    if (next_norm == nullptr) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(cuda_ops::RmsNorm(x_, next_norm, nullptr, static_cast<int32_t>(tokens),
-                                           static_cast<int32_t>(d), c.rms_norm_eps, h_, act_, stream_));
-    return absl::OkStatus();
+    return Mark(stage);
   }
   // Each rank's partial in the activation dtype (h_ is free here: its norm
   // output has been consumed), summed over the ranks in 16 bits, which halves
@@ -193,14 +184,7 @@ absl::Status CudaEngine::RowParallel(const void* x, const void* w, int64_t token
   RETURN_IF_ERROR(Mark(stage));
   RETURN_IF_ERROR(options_.collectives->AllReduceSumHalf(h_, tokens * d, act_ == ActDtype::kBf16));
   RETURN_IF_ERROR(Mark("all_reduce"));
-  if (next_norm == nullptr) {
-    CUDA_RETURN_IF_ERROR(cuda_ops::AddToF32(h_, act_, tokens * d, x_, stream_));
-    return absl::OkStatus();
-  }
-  // The residual update and the next norm in one pass, the normed rows over
-  // the (consumed) partial in h_.
-  CUDA_RETURN_IF_ERROR(cuda_ops::AddRmsNorm(h_, x_, next_norm, static_cast<int32_t>(tokens),
-                                            static_cast<int32_t>(d), c.rms_norm_eps, h_, act_, stream_));
+  CUDA_RETURN_IF_ERROR(cuda_ops::AddToF32(h_, act_, tokens * d, x_, stream_));
   return absl::OkStatus();
 }
 

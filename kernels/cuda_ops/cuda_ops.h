@@ -35,15 +35,6 @@ cudaError_t Embed(const void* table, ActDtype table_dtype, const int32_t* ids, i
 cudaError_t RmsNorm(const float* x, const float* weight, const int32_t* rows, int32_t num_rows,
                     int32_t dim, float eps, void* out, ActDtype out_dtype, cudaStream_t stream);
 
-// Tensor parallelism's residual update and the next norm in one pass:
-// x[r] += float(partial[r]), then out[r] = weight * (x[r] / rms(x[r])), for
-// rows r < num_rows. The same bits as AddToF32 followed by RmsNorm (its
-// per-row sum order). partial and out are 16-bit (fp16 or bf16, `dtype`)
-// and may be the same buffer.
-//   partial, out: [num_rows][dim]; x: [num_rows][dim] fp32; weight: [dim] fp32.
-cudaError_t AddRmsNorm(const void* partial, float* x, const float* weight, int32_t num_rows,
-                       int32_t dim, float eps, void* out, ActDtype dtype, cudaStream_t stream);
-
 // RoPE (HF rotate_half: pairs (j, j + head_dim/2)) on q and k of a fused QKV
 // row, then the quantizing cache write of k and v. Given the same rotated
 // values, the stored bits equal cpu::WriteKvCache's (kernels/quant_math.h);

@@ -157,44 +157,6 @@ TEST_P(Dtypes, AddToF32AddsTheWidenedValues) {
   for (size_t i = 0; i < part.size(); ++i) ASSERT_EQ(got[i], acc[i] + FromBits(bits[i], dt)) << i;
 }
 
-// The fused residual update + norm gives AddToF32 + RmsNorm's bits, with
-// the normed rows written over the partial (the engine's use) or elsewhere.
-TEST_P(Dtypes, AddRmsNormEqualsAddThenNorm) {
-  SKIP_WITHOUT_GPU();
-  const ActDtype dt = GetParam();
-  for (int dim : {288, 5120, 130}) {
-    for (int rows : {1, 7, 64}) {
-      const auto part = Normal(static_cast<size_t>(rows) * dim, 20 + dim, 10.0f);
-      const auto x = Normal(part.size(), 21 + dim, 30.0f), w = Normal(dim, 22 + dim);
-      std::vector<uint16_t> bits(part.size());
-      for (size_t i = 0; i < part.size(); ++i) bits[i] = ToBits(part[i], dt);
-      // Reference: the two kernels.
-      Dev<uint16_t> d_part(bits), d_ref_out(part.size());
-      Dev<float> d_xa(x), d_w(w);
-      CUDA_ASSERT(AddToF32(d_part.p, dt, static_cast<int64_t>(part.size()), d_xa.p, nullptr));
-      CUDA_ASSERT(RmsNorm(d_xa.p, d_w.p, nullptr, rows, dim, 1e-5f, d_ref_out.p, dt, nullptr));
-      // Fused, in place over the partial and into a separate buffer.
-      Dev<uint16_t> d_inplace(bits), d_sep_out(part.size());
-      Dev<float> d_xb(x), d_xc(x);
-      CUDA_ASSERT(AddRmsNorm(d_inplace.p, d_xb.p, d_w.p, rows, dim, 1e-5f, d_inplace.p, dt, nullptr));
-      CUDA_ASSERT(AddRmsNorm(d_part.p, d_xc.p, d_w.p, rows, dim, 1e-5f, d_sep_out.p, dt, nullptr));
-      CUDA_ASSERT(cudaDeviceSynchronize());
-      const auto xa = d_xa.Get(), xb = d_xb.Get(), xc = d_xc.Get();
-      const auto ref = d_ref_out.Get(), inplace = d_inplace.Get(), sep = d_sep_out.Get();
-      for (size_t i = 0; i < part.size(); ++i) {
-        ASSERT_EQ(xb[i], xa[i]) << "dim " << dim << " rows " << rows << " x[" << i << "]";
-        ASSERT_EQ(xc[i], xa[i]) << i;
-        ASSERT_EQ(inplace[i], ref[i]) << "dim " << dim << " rows " << rows << " out[" << i << "]";
-        ASSERT_EQ(sep[i], ref[i]) << i;
-      }
-    }
-  }
-  // fp32 partials are not a tensor-parallel format.
-  Dev<float> d_x(4), d_w(4);
-  EXPECT_EQ(AddRmsNorm(d_x.p, d_x.p, d_w.p, 1, 4, 1e-5f, d_x.p, ActDtype::kFp32, nullptr),
-            cudaErrorInvalidValue);
-}
-
 TEST_P(Dtypes, FillUniformIsDeterministicAndInRange) {
   SKIP_WITHOUT_GPU();
   const ActDtype dt = GetParam();

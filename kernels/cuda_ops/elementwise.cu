@@ -47,45 +47,6 @@ __global__ void RmsNormKernel(const float* __restrict__ x, const float* __restri
   }
 }
 
-// One block per row: x[r] += partial[r] (written back), then out[r] =
-// weight * (x[r] / rms(x[r])). The sum of squares runs over the updated
-// values in RmsNormKernel's order (same per-thread float4 stride and block
-// reduction). out may alias partial: a row's partial is read in full before
-// the block barrier inside BlockSum, and written only after it.
-template <class T>
-__global__ void AddRmsNormKernel(const T* partial, float* __restrict__ x, const float* __restrict__ w,
-                                 int32_t dim, float eps, T* out) {
-  __shared__ float red[32];
-  const int64_t r = blockIdx.x;
-  float* xr = x + r * dim;
-  const T* pr = partial + r * dim;
-  T* o = out + r * dim;
-  float ss = 0.0f;
-  if ((dim & 3) == 0) {
-    float4* x4 = reinterpret_cast<float4*>(xr);
-    for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
-      float4 v = x4[i];
-      v.x += ToFloat<T>(pr[4 * i]);
-      v.y += ToFloat<T>(pr[4 * i + 1]);
-      v.z += ToFloat<T>(pr[4 * i + 2]);
-      v.w += ToFloat<T>(pr[4 * i + 3]);
-      x4[i] = v;
-      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-    }
-  } else {
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-      const float v = xr[i] + ToFloat<T>(pr[i]);
-      xr[i] = v;
-      ss += v * v;
-    }
-  }
-  ss = detail::BlockSum(ss, red);  // its barriers also order the x writes before the reads below
-  const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    o[i] = FromFloat<T>(__fmul_rn(w[i], __fmul_rn(inv, xr[i])));
-  }
-}
-
 template <class T>
 __global__ void SiluMulKernel(const T* __restrict__ gu, int32_t tokens, int32_t f,
                               T* __restrict__ out) {
@@ -150,19 +111,6 @@ cudaError_t RmsNorm(const float* x, const float* weight, const int32_t* rows, in
     using T = decltype(tag);
     RmsNormKernel<T><<<num_rows, threads, 0, stream>>>(x, weight, rows, dim, eps,
                                                        static_cast<T*>(out));
-    return cudaGetLastError();
-  });
-}
-
-cudaError_t AddRmsNorm(const void* partial, float* x, const float* weight, int32_t num_rows,
-                       int32_t dim, float eps, void* out, ActDtype dtype, cudaStream_t stream) {
-  if (num_rows <= 0) return cudaSuccess;
-  if (dtype == ActDtype::kFp32) return cudaErrorInvalidValue;  // 16-bit partials only
-  const int threads = dim >= 4096 ? 512 : (dim >= 1024 ? 256 : 128);  // as RmsNorm
-  return detail::VisitActDtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    AddRmsNormKernel<T><<<num_rows, threads, 0, stream>>>(static_cast<const T*>(partial), x, weight,
-                                                          dim, eps, static_cast<T*>(out));
     return cudaGetLastError();
   });
 }
