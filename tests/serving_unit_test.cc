@@ -1,6 +1,7 @@
 // Serving pieces without a server: UTF-8 validation, stop-string matching
 // over streamed deltas, request validation (field names in messages), chunk
-// merging.
+// merging, the stream writer, and the serving engine's rounds over an engine
+// that computes nothing.
 #include <atomic>
 #include <string>
 #include <thread>
@@ -11,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "scheduler/server/generation_service.h"
 #include "scheduler/server/request_validation.h"
+#include "scheduler/server/serving_engine.h"
 #include "scheduler/server/stream_writer.h"
 #include "scheduler/server/text_util.h"
 #include "tests/test_data.h"
@@ -234,6 +236,151 @@ TEST(StreamWriter, BatchedPostsRunAtEndBatchInOrder) {
   for (int tries = 0; count() < 102 && tries < 2000; ++tries) absl::SleepFor(absl::Milliseconds(1));
   absl::MutexLock lock(&mu);
   EXPECT_EQ(seen.back(), 100);
+}
+
+// An engine that samples token 300 + step % 50 for every sequence at once.
+class InstantEngine final : public Engine {
+ public:
+  InstantEngine(std::atomic<bool>* in_round, std::atomic<int>* steps_outside)
+      : in_round_(in_round), steps_outside_(steps_outside) {
+    config_.hidden_size = 64, config_.intermediate_size = 128, config_.num_layers = 1;
+    config_.num_heads = 1, config_.num_kv_heads = 1, config_.head_dim = 64;
+    config_.vocab_size = 32000, config_.max_position_embeddings = 512;
+    options_.block_size = 16;
+    options_.num_gpu_blocks = 256;
+  }
+  const ModelConfig& config() const override { return config_; }
+  const EngineOptions& options() const override { return options_; }
+  bool SupportsSampling() const override { return true; }
+  // While armed, the next step waits (up to 10 s) until Open(): a test can
+  // queue a command that must land between two given steps.
+  void Arm() { armed_.store(true), open_.store(false); }
+  void Open() { open_.store(true); }
+  absl::Status Step(const StepInput& input, StepOutput* output) override {
+    if (!in_round_->load()) steps_outside_->fetch_add(1);
+    if (armed_.exchange(false)) {
+      for (int i = 0; i < 10000 && !open_.load(); ++i) absl::SleepFor(absl::Milliseconds(1));
+    }
+    output->row_begin.assign(input.seqs.size() + 1, 0);
+    output->sampled.assign(input.seqs.size(), {});
+    for (size_t i = 0; i < input.seqs.size(); ++i) {
+      output->sampled[i].token = input.seqs[i].sample ? 300 + (steps_ % 50) : -1;
+    }
+    ++steps_;
+    return absl::OkStatus();
+  }
+
+ private:
+  std::atomic<bool>* in_round_;
+  std::atomic<int>* steps_outside_;
+  std::atomic<bool> armed_{false}, open_{false};
+  ModelConfig config_;
+  EngineOptions options_;
+  int steps_ = 0;
+};
+
+// Records what a request got and whether each call came inside a round.
+class RecordingSink final : public GenerationSink {
+ public:
+  explicit RecordingSink(std::atomic<bool>* in_round) : in_round_(in_round) {}
+  void OnChunk(v1::GenerateResponse chunk) override {
+    absl::MutexLock lock(&mu_);
+    outside_ += in_round_->load() ? 0 : 1;
+    tokens_ += chunk.token_ids_size();
+  }
+  void OnDone(const absl::Status& status, v1::GenerateResponse last) override {
+    absl::MutexLock lock(&mu_);
+    outside_ += in_round_->load() ? 0 : 1;
+    tokens_ += last.token_ids_size();
+    done_ = true;
+    status_ = status;
+  }
+  bool WaitDone(absl::Duration timeout) {
+    absl::MutexLock lock(&mu_);
+    return mu_.AwaitWithTimeout(absl::Condition(&done_), timeout);
+  }
+  absl::Status status() {
+    absl::MutexLock lock(&mu_);
+    return status_;
+  }
+  int tokens() {
+    absl::MutexLock lock(&mu_);
+    return tokens_;
+  }
+  int outside() {
+    absl::MutexLock lock(&mu_);
+    return outside_;
+  }
+
+ private:
+  std::atomic<bool>* in_round_;
+  absl::Mutex mu_;
+  bool done_ = false;
+  absl::Status status_;
+  int tokens_ = 0, outside_ = 0;
+};
+
+// begin_round / end_round pair up on the engine thread, every step and every
+// sink call happens inside a round, and no round is open while the engine
+// waits for work (so a batching sink never holds answers while idle).
+TEST(ServingEngine, RoundsPairUpAndHoldEveryStepAndSinkCall) {
+  auto tok = Tokenizer::LoadFromDirectory(testing::DataPath("models/stories15M"));
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  std::atomic<bool> in_round{false};
+  std::atomic<int> steps_outside{0}, unbalanced{0}, rounds{0};
+  InstantEngine engine(&in_round, &steps_outside);
+  ServingEngineOptions so;
+  so.scheduler.max_num_seqs = 8;
+  so.scheduler.max_model_len = 512;
+  so.scheduler.blocks.num_gpu_blocks = engine.options().num_gpu_blocks;
+  so.scheduler.blocks.block_size = 16;
+  so.begin_round = [&] {
+    if (in_round.exchange(true)) unbalanced.fetch_add(1);
+    rounds.fetch_add(1);
+  };
+  so.end_round = [&] {
+    if (!in_round.exchange(false)) unbalanced.fetch_add(1);
+  };
+  auto se = ServingEngine::Create(&engine, tok->get(), nullptr, so);
+  ASSERT_TRUE(se.ok()) << se.status();
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (int i = 0; i < 4; ++i) {
+    ServingRequest r;
+    r.prompt = {1, 400 + i, 500 + i};
+    r.max_tokens = 6;
+    r.stop_token_ids = {2};
+    sinks.push_back(std::make_shared<RecordingSink>(&in_round));
+    ASSERT_TRUE((*se)->Submit(std::move(r), sinks.back()).ok());
+  }
+  for (auto& s : sinks) {
+    ASSERT_TRUE(s->WaitDone(absl::Seconds(30)));
+    EXPECT_TRUE(s->status().ok()) << s->status();
+    EXPECT_EQ(s->tokens(), 6);
+  }
+  // A request cancelled while it runs gets CANCELLED (the cancel is queued
+  // while its first step is held, so it lands before the request can finish).
+  ServingRequest r;
+  r.prompt = {1, 700};
+  r.max_tokens = 400;
+  auto cancelled = std::make_shared<RecordingSink>(&in_round);
+  engine.Arm();
+  auto handle = (*se)->Submit(std::move(r), cancelled);
+  ASSERT_TRUE(handle.ok());
+  (*se)->Cancel(*handle);
+  engine.Open();
+  ASSERT_TRUE(cancelled->WaitDone(absl::Seconds(30)));
+  EXPECT_EQ(cancelled->status().code(), absl::StatusCode::kCancelled);
+  // Idle: no round may be open.
+  for (int tries = 0; in_round.load() && tries < 1000; ++tries) absl::SleepFor(absl::Milliseconds(1));
+  absl::SleepFor(absl::Milliseconds(20));
+  EXPECT_FALSE(in_round.load());
+  (*se)->Stop();
+  EXPECT_FALSE(in_round.load());
+  EXPECT_EQ(unbalanced.load(), 0);
+  EXPECT_EQ(steps_outside.load(), 0);
+  EXPECT_GT(rounds.load(), 6);
+  for (auto& s : sinks) EXPECT_EQ(s->outside(), 0);
+  EXPECT_EQ(cancelled->outside(), 0);
 }
 
 }  // namespace strata::serving
