@@ -199,6 +199,17 @@ TEST(StreamWriter, TasksPostedFromManyThreadsAndFromTasksAllRun) {
   EXPECT_EQ(count.load(), 2000);
 }
 
+// A batch left open when the writer goes still runs.
+TEST(StreamWriter, OpenBatchRunsAtDestruction) {
+  std::atomic<int> ran{0};
+  {
+    StreamWriter w;
+    w.BeginBatch();
+    for (int i = 0; i < 10; ++i) w.Post([&ran] { ++ran; });
+  }
+  EXPECT_EQ(ran.load(), 10);
+}
+
 // A batch's posts wait for EndBatch and then run in order; another thread's
 // posts meanwhile run without waiting for the batch.
 TEST(StreamWriter, BatchedPostsRunAtEndBatchInOrder) {

@@ -6,18 +6,22 @@ namespace strata::serving {
 
 StreamWriter::StreamWriter() : thread_([this] { Run(); }) {}
 
-StreamWriter::~StreamWriter() {
-  {
-    absl::MutexLock lock(&mu_);
-    stop_ = true;
-  }
-  thread_.join();
-}
-
 namespace {
 // The writer whose batch this thread is filling, if any.
 thread_local const StreamWriter* tls_batching = nullptr;
 }  // namespace
+
+StreamWriter::~StreamWriter() {
+  {
+    absl::MutexLock lock(&mu_);
+    // A batch left open (its thread gone without EndBatch) still runs.
+    for (std::function<void()>& task : batch_) queue_.push_back(std::move(task));
+    batch_.clear();
+    stop_ = true;
+  }
+  if (tls_batching == this) tls_batching = nullptr;
+  thread_.join();
+}
 
 void StreamWriter::Post(std::function<void()> task) {
   if (tls_batching == this) {

@@ -10,7 +10,7 @@
 // and handed over together at EndBatch(), so a step that streams to a thousand
 // requests takes the lock and wakes the writer once rather than per token.
 // Posts from other threads meanwhile go straight to the queue. One batching
-// thread at a time.
+// thread at a time; a batch still open at destruction runs too.
 #pragma once
 
 #include <deque>
