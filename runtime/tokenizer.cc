@@ -346,6 +346,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromGguf(const std::st
                     /*escape_whitespaces=*/false};
   t->unk_surface_ = "\xEF\xBF\xBD";
   t->bpe_ = std::move(encoder);
+  t->IndexSurfaces();  // (byte-level decoding does not use them; kept complete)
   return t;
 }
 
@@ -440,7 +441,27 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(const std::string& s
   };
   t->bos_id_ = control_id(options.bos_piece);
   t->eos_id_ = control_id(options.eos_piece);
+  t->IndexSurfaces();
   return t;
+}
+
+void Tokenizer::IndexSurfaces() {
+  surfaces_.resize(pieces_.size());
+  leading_space_.assign(pieces_.size(), 0);
+  for (size_t id = 0; id < pieces_.size(); ++id) {
+    const std::string_view piece = pieces_[id];
+    std::string& s = surfaces_[id];
+    s.clear();
+    leading_space_[id] = piece.substr(0, kSpaceSymbol.size()) == kSpaceSymbol ? 1 : 0;
+    for (size_t pos = 0; pos < piece.size();) {
+      if (piece.substr(pos, kSpaceSymbol.size()) == kSpaceSymbol) {
+        s.push_back(' ');
+        pos += kSpaceSymbol.size();
+      } else {
+        s.push_back(piece[pos++]);
+      }
+    }
+  }
 }
 
 // --- lookups -------------------------------------------------------------------
@@ -614,30 +635,22 @@ bool Tokenizer::AppendDecodedPiece(int32_t id, bool strip_leading_space, std::st
     return false;
   }
   if (IsControl(id)) return false;  // invisible
-  std::string_view piece = pieces_[static_cast<size_t>(id)];
   if (IsByte(id)) {  // callers group byte pieces; a lone one is its raw byte
     AppendBytesAsUtf8(std::string_view(reinterpret_cast<const char*>(&byte_value_[static_cast<size_t>(id)]), 1), out);
     return false;
   }
+  std::string_view surface = surfaces_[static_cast<size_t>(id)];  // U+2581 already ' '
   bool has_bos_ws = false;
   if (strip_leading_space &&
       (normalizer_.add_dummy_prefix || normalizer_.remove_extra_whitespaces)) {
-    if (piece.substr(0, kSpaceSymbol.size()) == kSpaceSymbol) {
-      piece.remove_prefix(kSpaceSymbol.size());
+    if (leading_space_[static_cast<size_t>(id)] != 0) {
+      surface.remove_prefix(1);
       has_bos_ws = true;
     }
     // With whitespace removal, every leading space of the text is dropped.
     if (normalizer_.remove_extra_whitespaces) has_bos_ws = false;
   }
-  for (size_t pos = 0; pos < piece.size();) {
-    if (piece.substr(pos, kSpaceSymbol.size()) == kSpaceSymbol) {
-      out->push_back(' ');
-      pos += kSpaceSymbol.size();
-    } else {
-      out->push_back(piece[pos]);
-      ++pos;
-    }
-  }
+  out->append(surface);
   return has_bos_ws;
 }
 

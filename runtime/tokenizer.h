@@ -165,6 +165,7 @@ class Tokenizer {
   // then mergeable pieces, else unk.
   int32_t LookupOrUnk(std::string_view piece) const;
   std::string Normalize(std::string_view text) const;
+  void IndexSurfaces();  // fills surfaces_ / leading_space_ from pieces_
 
   struct StringHash {
     using is_transparent = void;
@@ -176,6 +177,11 @@ class Tokenizer {
   std::vector<float> scores_;
   std::vector<PieceType> types_;
   std::vector<uint8_t> byte_value_;  // per id; valid for byte pieces
+  // Decoding (SentencePiece vocabularies): each piece with U+2581 as ' ',
+  // and whether the piece starts with U+2581 (the surface's first byte is
+  // then that space). Built once so decoding a token is one append.
+  std::vector<std::string> surfaces_;
+  std::vector<uint8_t> leading_space_;
   PieceMap mergeable_;               // normal, user-defined and unused pieces
   PieceMap reserved_;                // control, unknown and byte pieces
   std::array<int32_t, 256> byte_to_id_{};
