@@ -14,9 +14,11 @@
 // service's stream sinks do (one pending write per stream, later chunks merged
 // into it), with the engine's per-round batching of those posts unless
 // --no-batch; --discard drops the chunks instead.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <random>
 #include <string>
