@@ -78,6 +78,21 @@ TEST(KvQuantParams, RoundTripAndValidation) {
   ASSERT_TRUE(per_layer.ok()) << per_layer.status();
   EXPECT_EQ(per_layer->num_kv_heads, 4);
   EXPECT_EQ(per_layer->k_zero[0], std::vector<float>(4, 1.0f));
+  EXPECT_FALSE(per_layer->per_layer);
+  // One number per layer and no head count: fits any model once widened.
+  auto any = ParseKvQuantParams(
+      R"({"kv_cache_dtype":"fp8_e4m3","layers":[{"k_scale":0.1,"v_scale":0.2},{"k_scale":0.3,"v_scale":0.4}]})",
+      "a.json");
+  ASSERT_TRUE(any.ok()) << any.status();
+  EXPECT_TRUE(any->per_layer);
+  EXPECT_FALSE(CheckKvQuantParams(*any, {KvDtype::kFp8E4M3, KvScaleMode::kStatic}, 2, 6, "a.json").ok());
+  WidenKvQuantParams(&*any, 6);
+  EXPECT_FALSE(any->per_layer);
+  EXPECT_EQ(any->num_kv_heads, 6);
+  EXPECT_EQ(any->v_scale[1], std::vector<float>(6, 0.4f));
+  EXPECT_TRUE(CheckKvQuantParams(*any, {KvDtype::kFp8E4M3, KvScaleMode::kStatic}, 2, 6, "a.json").ok());
+  WidenKvQuantParams(&*any, 3);  // per-head parameters are not changed
+  EXPECT_EQ(any->num_kv_heads, 6);
   auto bad = ParseKvQuantParams(R"({"kv_cache_dtype":"int8","layers":[{"v_scale":0.2}]})", "r.json");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(std::string(bad.status().message()).find("r.json: layer 0: missing \"k_scale\""),

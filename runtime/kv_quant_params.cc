@@ -88,17 +88,26 @@ absl::StatusOr<KvQuantParams> ParseKvQuantParams(const std::string& json_text,
       }
     }
   }
-  if (j.contains("num_kv_heads") && j["num_kv_heads"].is_number_integer() && heads == 1) {
-    // Per-layer file: widen to the declared head count so any shard can use it.
-    const int32_t declared = j["num_kv_heads"].get<int32_t>();
-    if (declared > 0) {
-      p.num_kv_heads = declared;
-      for (auto* table : {&p.k_scale, &p.v_scale, &p.k_zero, &p.v_zero}) {
-        for (auto& v : *table) v.assign(declared, v[0]);
-      }
+  if (heads == 1) {
+    // Per-layer file: widened to the declared head count so any shard can use
+    // it, or, with none declared, to the model's (WidenKvQuantParams).
+    int32_t declared = 0;
+    if (j.contains("num_kv_heads") && j["num_kv_heads"].is_number_integer()) {
+      declared = j["num_kv_heads"].get<int32_t>();
     }
+    p.per_layer = true;
+    if (declared > 0) WidenKvQuantParams(&p, declared);
   }
   return p;
+}
+
+void WidenKvQuantParams(KvQuantParams* p, int32_t num_kv_heads) {
+  if (!p->per_layer || num_kv_heads < 1) return;
+  p->num_kv_heads = num_kv_heads;
+  for (auto* table : {&p->k_scale, &p->v_scale, &p->k_zero, &p->v_zero}) {
+    for (auto& v : *table) v.assign(num_kv_heads, v[0]);
+  }
+  p->per_layer = false;
 }
 
 absl::StatusOr<KvQuantParams> LoadKvQuantParams(const std::string& path) {

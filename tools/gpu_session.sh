@@ -72,9 +72,34 @@ bundle() {
   (( kb < 60 * 1024 )) || echo "WARNING: $BUNDLE is ${kb} KiB; a GPU call carries at most 64 MiB with the repository"
 }
 
+# Static KV parameters for a model shape with random (--load-format dummy)
+# weights: one K and one V scale for every layer (and, for int8, zero points
+# of 0), written as docs/kv_quant_params.md describes. Random weights have no
+# K/V statistics worth calibrating; the values do not change the work of a
+# step (the same kernels, bytes and operations), so they serve throughput
+# runs only. SBENCH_STATIC_SCALE sets the scale (default 0.05).
+static_params() {  # model shape, dtype, output file
+  local layers
+  case ${1%%:*} in
+    llama-2-7b|llama-3-8b) layers=32 ;;
+    llama-2-13b) layers=40 ;;
+    llama-2-70b) layers=80 ;;
+    stories15m) layers=6 ;;
+    *) echo "static_params: no layer count known for $1" >&2; return 1 ;;
+  esac
+  python3 - "$2" "$layers" "${SBENCH_STATIC_SCALE:-0.05}" > "$3" <<'PY'
+import json, sys
+dtype, layers, scale = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+layer = {"k_scale": scale, "v_scale": scale}
+if dtype == "int8":
+    layer.update(k_zero=0.0, v_zero=0.0)
+json.dump({"kv_cache_dtype": dtype, "layers": [layer] * layers}, sys.stdout)
+PY
+}
+
 sbench() {  # the serving benchmark: one server per KV format, each workload
   # SBENCH_MODEL (llama-2-7b), SBENCH_TP (1), SBENCH_KV ("fp16 int8"; dtype or
-  # dtype:scale_mode), SBENCH_WORKLOADS ("sharegpt:400"; workload:num_prompts),
+  # dtype:scale_mode; dtype:static takes static_params' file), SBENCH_WORKLOADS ("sharegpt:400"; workload:num_prompts),
   # SBENCH_ARGS (extra client flags), SBENCH_SERVE_ARGS (extra serve flags).
   local out=$1 work=$2
   local model=${SBENCH_MODEL:-llama-2-7b} tp=${SBENCH_TP:-1}
@@ -85,6 +110,10 @@ sbench() {  # the serving benchmark: one server per KV format, each workload
   for kv in $kvs; do
     local dtype=${kv%%:*} mode_args=() suffix=""
     if [[ $kv == *:* ]]; then mode_args=(--kv-scale-mode "${kv#*:}"); suffix="_${kv#*:}"; fi
+    if [[ $kv == *:static ]]; then  # a parameters file for the random weights (see static_params)
+      static_params "$model" "$dtype" "$out/kv_params_${model//:/_ctx}_${dtype}.json" || continue
+      mode_args+=(--kv-quant-params-path "$out/kv_params_${model//:/_ctx}_${dtype}.json")
+    fi
     local tag="${model//:/_ctx}_tp${tp}_${dtype}${suffix}${SBENCH_TAG:-}"
     # shellcheck disable=SC2086
     "$work/strata" serve --device cuda --tp "$tp" --load-format dummy --model "$model" \

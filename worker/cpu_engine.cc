@@ -32,6 +32,7 @@ absl::StatusOr<std::unique_ptr<CpuEngine>> CpuEngine::Create(
     const CpuShardOptions& shard) {
   const ModelConfig& c = weights.config;
   ASSIGN_OR_RETURN(const ShardDims dims, ComputeShardDims(c, shard.shard));
+  if (quant_params) WidenKvQuantParams(&*quant_params, c.num_kv_heads);
   if (shard.shard.sharded() &&
       (shard.collectives == nullptr || shard.collectives->world_size() != shard.shard.world_size ||
        shard.collectives->rank() != shard.shard.rank)) {

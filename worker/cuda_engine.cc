@@ -86,6 +86,7 @@ absl::Status CudaEngine::Init(const ModelConfig& config, const CudaEngineOptions
   full_config_ = config;
   config_ = config;
   options_ = options;
+  if (quant_params) WidenKvQuantParams(&*quant_params, config.num_kv_heads);
   if (options.shard.world_size < 1 || options.shard.rank < 0 ||
       options.shard.rank >= options.shard.world_size) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", options.shard.rank, " outside world size ",
