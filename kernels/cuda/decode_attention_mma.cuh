@@ -1,5 +1,6 @@
 // Tensor-core decode attention for the 8-bit and 4-bit KV formats (fp8 e4m3,
-// fp8 e5m2, int8, int4) with block_size >= 16. Included by decode_attention.cuh.
+// fp8 e5m2, int8, int4) and for fp16 at head_dim 128, with block_size >= 16.
+// Included by decode_attention.cuh.
 //
 // Why tensor cores: with CUDA-core FMAs a GQA group of G heads costs G FMAs
 // per cached element and pass, i.e. 4-8 FMAs per byte for int8 and 8-16 for
@@ -7,7 +8,9 @@
 // on mma.sync.m16n8k16 (fp16 inputs, fp32 accumulation); the cores only
 // convert the cached codes to fp16, which is exact for all four formats (int8
 // and int4 codes minus their zero point are small integers; fp8 values are a
-// subset of fp16). The fp32 query and the fp32 softmax weights are split into
+// subset of fp16). fp16 needs no conversion; it runs here for the one-pass
+// tiles (no logits in shared memory, so partitions of 4096 tokens) and the
+// cp.async ring, with three thread blocks per SM (MmaCfg::kBlocksPerSm). The fp32 query and the fp32 softmax weights are split into
 // fp16 hi + lo parts, so the products keep ~fp32 accuracy. With G <= 4 heads
 // per thread block (GQA 4, and no GQA) both parts share one MMA: the heads
 // fill only half of the 8 B-operand columns, so columns 4-7 carry the lo
@@ -61,7 +64,8 @@ __device__ __forceinline__ float Exp2Ftz(float x) {
 constexpr float kWeightScale = 16384.0f;  // 2^14: V weights sit in [2^14, 2^15) at their maximum
 
 template <KvDtype D, KvScaleMode M, int HD, int G>
-__global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kMmaThreads, (MmaCfg<D, M, HD>::kBlocksPerSm))
+    DecodeMmaKernel(const DecodeParams p) {
   using Cfg = MmaCfg<D, M, HD>;
   using Smem = MmaSmem<Cfg, G, HD>;
   using KOp = KOperand<D>;
@@ -153,13 +157,17 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
 #pragma unroll
     for (int k = 0; k < (Cfg::kTileChunks + 31) / 32; ++k) {
       if (Cfg::kTileChunks % 32 == 0 || lane + 32 * k < Cfg::kTileChunks) {
-        uint32_t off = (lane + 32 * k) * 16;
+        uint32_t koff = (lane + 32 * k) * 16, voff = koff;
         if constexpr (Cfg::kSwizzle) {  // 8 chunks per row
           const int row = (lane >> 3) + 4 * k;
-          off = row * 128 + Cfg::Chunk(row, lane & 7) * 16;
+          koff = voff = row * 128 + Cfg::Chunk(row, lane & 7) * 16;
+        } else if constexpr (Cfg::kSwizzle256) {  // 16 chunks per row
+          const int row = (lane >> 4) + 2 * k;
+          koff = row * 256 + Cfg::KChunk(row, lane & 15) * 16;
+          voff = row * 256 + Cfg::VChunk(row, lane & 15) * 16;
         }
-        CpAsync16(dst + off, ksrc + 512 * k);
-        CpAsync16(dst + Cfg::kTileBytes + off, vsrc + 512 * k);
+        CpAsync16(dst + koff, ksrc + 512 * k);
+        CpAsync16(dst + Cfg::kTileBytes + voff, vsrc + 512 * k);
       }
     }
     if constexpr (kDynamic) {

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/attention_internal.h"
 #include "kernels/cuda/kv_device.cuh"
 #include "kernels/kv_cache_view.h"
 
@@ -51,23 +52,36 @@ namespace strata::cuda::detail {
 constexpr int kMmaThreads = 128;
 constexpr int kMmaWarps = kMmaThreads / 32;
 
-template <KvDtype D>
-constexpr bool kMmaFormat = D == KvDtype::kFp8E4M3 || D == KvDtype::kFp8E5M2 ||
-                            D == KvDtype::kInt8 || D == KvDtype::kInt4;
+// The formats and head dims the tensor-core kernel runs (with block_size >=
+// 16; MaxDecodePartition in kv_cache_cuda.cu says the same on the host):
+// every 8-bit and 4-bit format, and fp16 at head_dim 128 (256-byte rows; other
+// fp16 head dims and bf16 / fp32 stay on the CUDA-core kernel).
+template <KvDtype D, int HD>
+constexpr bool kMmaDecode = D == KvDtype::kFp8E4M3 || D == KvDtype::kFp8E5M2 ||
+                            D == KvDtype::kInt8 || D == KvDtype::kInt4 ||
+                            (D == KvDtype::kFp16 && HD == 128);
 
 // ---- configuration -----------------------------------------------------------
 
 template <KvDtype D, KvScaleMode M, int HD>
 struct MmaCfg {
   static constexpr bool kInt4 = D == KvDtype::kInt4;
-  // K pass: 8-dim groups, per lane c.
+  static constexpr bool kFp16 = D == KvDtype::kFp16;
+  static_assert(!kFp16 || HD == 128, "fp16 runs on tensor cores at head_dim 128 only");
+  // Thread blocks per SM (the launch bounds; PlanDecode sizes its waves by
+  // it): a 16-token fp16 tile is 8 KB of K and V, twice an 8-bit one, so an
+  // fp16 block's ring (two slots per warp) takes ~68 KB and three fit an SM.
+  static constexpr int kBlocksPerSm = kFp16 ? kMmaBlocksPerSmFp16 : kMmaBlocksPerSm;
+  // K pass: 8-dim groups, per lane c (fp16: group p * 4 + c, which the
+  // swizzle below keeps free of bank conflicts).
   static constexpr int kGroups = HD / 8;
   static constexpr int kGpl = (kGroups + 3) / 4;
-  static constexpr bool kKContig = kGroups % 4 == 0;
-  static constexpr int kGroupBytes = kInt4 ? 4 : 8;
-  static constexpr int kKWords = kGpl * (kInt4 ? 1 : 2);
-  // V pass: units (8-bit: quads, int4: octets), per lane g.
-  static constexpr int kUnitDims = kInt4 ? 8 : 4;
+  static constexpr bool kKContig = kGroups % 4 == 0 && !kFp16;
+  static constexpr int kGroupBytes = kInt4 ? 4 : kFp16 ? 16 : 8;
+  static constexpr int kKWords = kGpl * kGroupBytes / 4;
+  // V pass: units (8-bit: quads, int4: octets, fp16: pairs: one 32-bit word
+  // each), per lane g.
+  static constexpr int kUnitDims = kInt4 ? 8 : kFp16 ? 2 : 4;
   static constexpr int kUnits = HD / kUnitDims;
   static constexpr int kUpl = (kUnits + 7) / 8;
   static constexpr bool kVContig = kUnits % 8 == 0;
@@ -108,6 +122,20 @@ struct MmaCfg {
   __device__ __forceinline__ static int Swz(int row) { return (row & 1) | ((row >> 1) & 6); }
   __device__ __forceinline__ static int Chunk(int row, int chunk) {
     return kSwizzle ? chunk ^ Swz(row) : chunk;
+  }
+  // fp16 (256-byte rows: chunks c and c + 8 share banks), K and V swizzled
+  // apart. K pass: the lanes of a quarter warp read chunk 4p + c of rows g,
+  // g + 1 (g even): row bit 0 flips chunk bit 2. V pass: they read chunk g
+  // (and g + 8) of rows 4c + t: row bits 2-3 flip chunk bits 1-2. Either way
+  // the eight 16-byte reads of a quarter warp cover all 32 banks.
+  static constexpr bool kSwizzle256 = kFp16;
+  __device__ __forceinline__ static int KChunk(int row, int chunk) {
+    if constexpr (kSwizzle256) return chunk ^ ((row & 1) << 2);
+    return Chunk(row, chunk);
+  }
+  __device__ __forceinline__ static int VChunk(int row, int chunk) {
+    if constexpr (kSwizzle256) return chunk ^ (((row >> 2) & 3) << 1);
+    return Chunk(row, chunk);
   }
 };
 static_assert(MmaCfg<KvDtype::kInt4, KvScaleMode::kDynamic, 48>::kTileBytes % 16 == 0);
@@ -164,6 +192,8 @@ __device__ __forceinline__ int KGroup(int c, int p) {
 }
 template <class Cfg>
 __device__ __forceinline__ int VUnit(int g, int i) {
+  // fp16: chunks g and g + 8 of the row, 4 words (units) each.
+  if constexpr (Cfg::kFp16) return (g + 8 * (i >> 2)) * 4 + (i & 3);
   return Cfg::kVContig ? g * Cfg::kUpl + i : i * 8 + g;
 }
 
@@ -187,7 +217,8 @@ __device__ __forceinline__ void LdsKRow(const uint8_t* tile, int row, int c,
     for (int p = 0; p < Cfg::kGpl; ++p) {
       const int j = KGroup<Cfg>(c, p);
       if (j < Cfg::kGroups) {
-        LdsWords<Cfg::kGroupBytes>(r + j * Cfg::kGroupBytes, &w[p * kw]);
+        const int off = Cfg::kSwizzle256 ? Cfg::KChunk(row, j) * 16 : j * Cfg::kGroupBytes;
+        LdsWords<Cfg::kGroupBytes>(r + off, &w[p * kw]);
       } else {
 #pragma unroll
         for (int k = 0; k < kw; ++k) w[p * kw + k] = 0;
@@ -201,7 +232,10 @@ template <class Cfg>
 __device__ __forceinline__ void LdsVRow(const uint8_t* tile, int row, int g,
                                         uint32_t (&w)[Cfg::kUpl]) {
   const uint8_t* r = tile + row * Cfg::kRowBytes;
-  if constexpr (Cfg::kVContig) {
+  if constexpr (Cfg::kFp16) {  // chunks g, g + 8 (VUnit)
+    LdsWords<16>(r + Cfg::VChunk(row, g) * 16, &w[0]);
+    LdsWords<16>(r + Cfg::VChunk(row, g + 8) * 16, &w[4]);
+  } else if constexpr (Cfg::kVContig) {
     constexpr int kBytes = Cfg::kUpl * 4;
     if constexpr (kBytes == 16) {  // chunk g
       LdsWords<16>(r + Cfg::Chunk(row, g) * 16, w);

@@ -113,11 +113,19 @@ struct SupportedOp {
 
 cudaError_t KernelSupported(const KernelDesc& desc) { return Dispatch<SupportedOp>(desc); }
 
-int32_t MaxDecodePartition(const KvCacheView& cache) {
+namespace {
+// Whether decode runs on the tensor-core kernel (kMmaDecode in
+// decode_attention_mma_layout.cuh, and a 16-token tile inside one block).
+bool MmaDecode(const KvCacheView& cache) {
   const KvDtype d = cache.layout.format.dtype;
   const bool mma = d == KvDtype::kFp8E4M3 || d == KvDtype::kFp8E5M2 || d == KvDtype::kInt8 ||
-                   d == KvDtype::kInt4;
-  return mma && cache.layout.block_size >= 16 ? kMaxPartitionMma : kMaxPartition;
+                   d == KvDtype::kInt4 || (d == KvDtype::kFp16 && cache.layout.head_dim == 128);
+  return mma && cache.layout.block_size >= 16;
+}
+}  // namespace
+
+int32_t MaxDecodePartition(const KvCacheView& cache) {
+  return MmaDecode(cache) ? kMaxPartitionMma : kMaxPartition;
 }
 
 DecodePlan PlanDecodeWithPartition(const KvCacheView& cache, int32_t num_seqs, int32_t num_heads,
@@ -142,9 +150,9 @@ DecodePlan PlanDecode(const KvCacheView& cache, int32_t num_seqs, int32_t num_he
   // batch 64 x 8 kv heads: P = 2048 best at 4K context, P = 512 / one split
   // best at 512); partitions of 256..2048 tokens.
   int64_t want_splits = (int64_t{num_sms} * 2 + base_ctas - 1) / base_ctas;
-  if (MaxDecodePartition(cache) == kMaxPartitionMma) {
+  if (MmaDecode(cache)) {
     // Tensor-core kernel (up to 4096-token partitions, 4 thread blocks per
-    // SM): a split costs the merge kernel and the partials, which a kernel of
+    // SM, fp16 3): a split costs the merge kernel and the partials, which a kernel of
     // a few tens of microseconds does not earn back, so one split unless the
     // blocks would not fill half the SMs (then a power of two of splits,
     // about one block per SM; none for contexts <= 512); past one wave of
@@ -153,7 +161,9 @@ DecodePlan PlanDecode(const KvCacheView& cache, int32_t num_seqs, int32_t num_he
     // Measured on an H100 over batch 16-256 x context 512-8192 x (40/40, 10/10,
     // 32/8, 8/2 heads) (bench/results/decode_plan_2026-11-27_h100.md): e.g.
     // 16 x 512, 8 kv heads 19.6 -> 14.2 us; 64 x 4096, 10 heads 272 -> 250 us.
-    const int64_t slots = int64_t{num_sms} * kMmaBlocksPerSm;
+    const int64_t slots = int64_t{num_sms} * (cache.layout.format.dtype == KvDtype::kFp16
+                                                   ? kMmaBlocksPerSmFp16
+                                                   : kMmaBlocksPerSm);
     if (base_ctas <= slots) {
       want_splits = 1;
       if (base_ctas * 2 < num_sms && max_context_len > 512) {
