@@ -21,10 +21,8 @@ inline int HeadTile(int group) {
 }
 
 // Thread blocks per SM of the tensor-core decode kernel (its launch bounds;
-// PlanDecode sizes its waves by it): 8-bit and 4-bit caches, and fp16, whose
-// tiles are twice as large (MmaCfg::kBlocksPerSm).
+// PlanDecode sizes its waves by it).
 constexpr int kMmaBlocksPerSm = 4;
-constexpr int kMmaBlocksPerSmFp16 = 3;
 
 struct DecodeLaunch {
   AttentionArgs args;

@@ -425,12 +425,10 @@ cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
     // 8-bit / 4-bit formats and fp16 at head_dim 128 run on tensor cores when
     // a 16-token tile lies in one block.
     if (bs >= 16) {
-      using MCfg = MmaCfg<D, M, HD>;
-      using Smem = MmaSmem<MCfg, G, HD>;
-      // kBlocksPerSm thread blocks per SM (the launch bounds) at the largest
-      // partition: an H100's 228 KB per SM, less 1 KB per block. A partition
-      // starts at a block boundary: it spans partition / block_size blocks.
-      static_assert(Smem::Bytes(kMaxPartitionMma / 16) <= (228 / MCfg::kBlocksPerSm - 1) * 1024);
+      using Smem = MmaSmem<MmaCfg<D, M, HD>, G, HD>;
+      // 4 thread blocks per SM (the launch bounds) at the largest partition.
+      // A partition starts at a block boundary: it spans partition / block_size blocks.
+      static_assert(Smem::Bytes(kMaxPartitionMma / 16) <= 56 * 1024);
       const int smem = Smem::Bytes(p.partition >> p.log2_bs);
       static KernelAttrCache attrs;
       auto kernel = DecodeMmaKernel<D, M, HD, G>;

@@ -9,8 +9,9 @@
 // convert the cached codes to fp16, which is exact for all four formats (int8
 // and int4 codes minus their zero point are small integers; fp8 values are a
 // subset of fp16). fp16 needs no conversion; it runs here for the one-pass
-// tiles (no logits in shared memory, so partitions of 4096 tokens) and the
-// cp.async ring, with three thread blocks per SM (MmaCfg::kBlocksPerSm). The fp32 query and the fp32 softmax weights are split into
+// tiles (no logits in shared memory, so partitions of 4096 tokens: one split
+// and one wave at 4K context) and the cp.async ring, which for its 8 KB tiles
+// holds half tiles (MmaCfg::kHalfRing) so that 4 thread blocks fit an SM. The fp32 query and the fp32 softmax weights are split into
 // fp16 hi + lo parts, so the products keep ~fp32 accuracy. With G <= 4 heads
 // per thread block (GQA 4, and no GQA) both parts share one MMA: the heads
 // fill only half of the 8 B-operand columns, so columns 4-7 carry the lo
@@ -64,8 +65,7 @@ __device__ __forceinline__ float Exp2Ftz(float x) {
 constexpr float kWeightScale = 16384.0f;  // 2^14: V weights sit in [2^14, 2^15) at their maximum
 
 template <KvDtype D, KvScaleMode M, int HD, int G>
-__global__ void __launch_bounds__(kMmaThreads, (MmaCfg<D, M, HD>::kBlocksPerSm))
-    DecodeMmaKernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(const DecodeParams p) {
   using Cfg = MmaCfg<D, M, HD>;
   using Smem = MmaSmem<Cfg, G, HD>;
   using KOp = KOperand<D>;
@@ -177,14 +177,42 @@ __global__ void __launch_bounds__(kMmaThreads, (MmaCfg<D, M, HD>::kBlocksPerSm))
     }
   };
 
+  // Half-tile ring (fp16): half h (tile h / 2; K if h is even, V if odd)
+  // into slot h % 3 of kTileBytes.
+  [[maybe_unused]] auto issue_half = [&](int h) {
+    const int t0 = start + (warp + (h >> 1) * kMmaWarps) * 16;
+    const int32_t b = sblk[(t0 >> p.log2_bs) - first_blk];
+    const uint8_t* blk = pool + static_cast<int64_t>(b) * block_bytes;
+    const uint32_t idx = head_row + (t0 & bs_mask);
+    const uint8_t* src = blk + ((h & 1 ? lay.v_data : lay.k_data) + idx * Cfg::kRowBytes + lane * 16);
+    const uint32_t dst = ring_s + (h % 3) * Cfg::kTileBytes;
+#pragma unroll
+    for (int k = 0; k < Cfg::kTileChunks / 32; ++k) {
+      const int row = (lane >> 4) + 2 * k;
+      const int chunk = h & 1 ? Cfg::VChunk(row, lane & 15) : Cfg::KChunk(row, lane & 15);
+      CpAsync16(dst + row * 256 + chunk * 16, src + 512 * k);
+    }
+  };
+
   // Prologue: kS - 1 items in flight (one commit group per item, empty ones
   // included, so that wait_group<kS - 1> below always means "item i landed");
-  // tile pairs: kS - 2 items (wait_group<kS - 2>: "items i, i + 1 landed").
-  constexpr int kPrologue = Cfg::kPairs ? kS - 2 : kS - 1;
+  // tile pairs: kS - 2 items (wait_group<kS - 2>: "items i, i + 1 landed");
+  // half tiles: halves K0, V0, K1 (wait_group<2>: "the half about to be read
+  // landed", with the two halves after it in flight).
+  if constexpr (Cfg::kHalfRing) {
+    static_assert(Cfg::kTileChunks % 32 == 0 && Cfg::kRowBytes == 256);
 #pragma unroll 1
-  for (int s = 0; s < kPrologue; ++s) {
-    if (s < my_tiles) issue(s, s);
-    CpAsyncCommit();
+    for (int h = 0; h < 3; ++h) {
+      if ((h >> 1) < my_tiles) issue_half(h);
+      CpAsyncCommit();
+    }
+  } else {
+    constexpr int kPrologue = Cfg::kPairs ? kS - 2 : kS - 1;
+#pragma unroll 1
+    for (int s = 0; s < kPrologue; ++s) {
+      if (s < my_tiles) issue(s, s);
+      CpAsyncCommit();
+    }
   }
 
   // Query fragments (B operand of the K pass): head g, permuted dims. Loaded
@@ -278,12 +306,19 @@ __global__ void __launch_bounds__(kMmaThreads, (MmaCfg<D, M, HD>::kBlocksPerSm))
       sub1 = SubFromBytes<D>(kzb[1], 0x4040u);
     }
     uint32_t kw0[Cfg::kKWords], kw1[Cfg::kKWords];
-    LdsKRow<Cfg>(sk, g, c, kw0);
-    LdsKRow<Cfg>(sk, g + 8, c, kw1);
+    if constexpr (!Cfg::kFp16) {
+      LdsKRow<Cfg>(sk, g, c, kw0);
+      LdsKRow<Cfg>(sk, g + 8, c, kw1);
+    }
     // Two independent accumulation chains (hi and lo query parts; fold: k-steps 0 and 1).
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int gi = 0; gi < Cfg::kGpl; ++gi) {
+      if constexpr (Cfg::kFp16) {  // a group (16 bytes) of each row at a time: fewer live registers
+        const int j = KGroup<Cfg>(c, gi);
+        LdsWords<16>(sk + g * 256 + Cfg::KChunk(g, j) * 16, &kw0[gi * 4]);
+        LdsWords<16>(sk + (g + 8) * 256 + Cfg::KChunk(g + 8, j) * 16, &kw1[gi * 4]);
+      }
       uint32_t r0[2][2], r1[2][2];
       if constexpr (kRaw) {
         KOp::BuildRaw(&kw0[gi * KOp::kWords], r0);
@@ -431,7 +466,40 @@ __global__ void __launch_bounds__(kMmaThreads, (MmaCfg<D, M, HD>::kBlocksPerSm))
     }
   };
 
-  if constexpr (!Cfg::kPairs) {
+  if constexpr (Cfg::kHalfRing) {
+    for (int i = 0; i < my_tiles; ++i) {
+      const int tok0 = (warp + i * kMmaWarps) * 16;  // partition-relative; tok0 < n
+      const uint8_t* sk = ring + ((2 * i) % 3) * Cfg::kTileBytes;
+      const uint8_t* sv = ring + ((2 * i + 1) % 3) * Cfg::kTileBytes;
+      auto step = [&](auto masked) {
+        CpAsyncWait<2>();  // K half of tile i (V_i and K_{i+1} may be in flight)
+        __syncwarp();
+        float lg[2][2];
+        tile_logits(sk, nullptr, tok0, lg, masked);
+        __syncwarp();  // every lane is done with K_i's slot: V_{i+1} goes there
+        if (i + 1 < my_tiles) issue_half(2 * i + 3);
+        CpAsyncCommit();
+        float vscale[2] = {1.0f, 1.0f}, vexp[2] = {0.0f, 0.0f}, vz[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          update_ref(k, fmaxf(lg[0][k] + vexp[0], lg[1][k] + vexp[1]));
+          tile_weights(k, lg, vscale, vz, 0, masked);
+        }
+        CpAsyncWait<2>();  // V half of tile i (K_{i+1} and V_{i+1} may be in flight)
+        __syncwarp();      // ... landed for every lane; the weights are in `trans`
+        const float4 wv = *reinterpret_cast<const float4*>(trans + g * Smem::kTransStride + 4 * c);
+        tile_pv(sv, nullptr, tok0, wv, masked);
+        __syncwarp();  // every lane is done with V_i's slot (K_{i+2} goes there) and `trans`
+        if (i + 2 < my_tiles) issue_half(2 * i + 4);
+        CpAsyncCommit();
+      };
+      if (tok0 + 16 <= n) {
+        step(std::false_type{});
+      } else {
+        step(std::true_type{});
+      }
+    }
+  } else if constexpr (!Cfg::kPairs) {
     int rd_slot = 0, wr_slot = kS - 1;
     for (int i = 0; i < my_tiles; ++i) {
       // Refill the slot read in iteration i - 1 (the __syncwarp at the end of

@@ -68,10 +68,6 @@ struct MmaCfg {
   static constexpr bool kInt4 = D == KvDtype::kInt4;
   static constexpr bool kFp16 = D == KvDtype::kFp16;
   static_assert(!kFp16 || HD == 128, "fp16 runs on tensor cores at head_dim 128 only");
-  // Thread blocks per SM (the launch bounds; PlanDecode sizes its waves by
-  // it): a 16-token fp16 tile is 8 KB of K and V, twice an 8-bit one, so an
-  // fp16 block's ring (two slots per warp) takes ~68 KB and three fit an SM.
-  static constexpr int kBlocksPerSm = kFp16 ? kMmaBlocksPerSmFp16 : kMmaBlocksPerSm;
   // K pass: 8-dim groups, per lane c (fp16: group p * 4 + c, which the
   // swizzle below keeps free of bank conflicts).
   static constexpr int kGroups = HD / 8;
@@ -114,6 +110,14 @@ struct MmaCfg {
       STRATA_MMA_TILE_PAIRS && kDynamic && D == KvDtype::kInt4;
   static constexpr int kStages = ClampInt(1 + (8192 + kSlotBytes - 1) / kSlotBytes, kPairs ? 4 : 2,
                                           kPairs ? 10 : 8);
+  // fp16: a tile's K rows and V rows are 4 KB each, so a ring of whole-tile
+  // slots (2 x 8 KB per warp) would leave room for only 3 thread blocks per
+  // SM. Its ring holds half tiles instead: 3 slots of 4 KB per warp, filled
+  // in the order K0 V0 K1 V1 ... (half h in slot h % 3); while a tile's K
+  // half is read the next K half is in flight, while its V half is read the
+  // next K and V halves are (~6 KB on average), and 4 blocks fit an SM.
+  static constexpr bool kHalfRing = kFp16;
+  static constexpr int kRingBytes = kHalfRing ? 3 * kTileBytes : kStages * kSlotBytes;
   // 128-byte rows (head_dim 128, 8-bit): 16-byte chunk c of row r is stored at
   // c ^ Swz(r), which makes both the K-pass reads (rows g, chunks 2c, 2c+1)
   // and the V-pass reads (rows 4c+i, chunk g) free of bank conflicts. Other
@@ -145,7 +149,7 @@ static_assert(MmaCfg<KvDtype::kInt4, KvScaleMode::kDynamic, 48>::kTileBytes % 16
 // softmax statistics, the partition's block ids.
 template <class Cfg, int G, int HD>
 struct MmaSmem {
-  static constexpr int kRing = Cfg::kStages * Cfg::kSlotBytes;
+  static constexpr int kRing = Cfg::kRingBytes;
   static constexpr int kRed = G * HD * 4;
   static constexpr int kWarpBytes =  // each warp's ring on the slots' 128-byte grid
       ((kRing > kRed ? kRing : kRed) + 127) / 128 * 128;

@@ -152,7 +152,7 @@ DecodePlan PlanDecode(const KvCacheView& cache, int32_t num_seqs, int32_t num_he
   int64_t want_splits = (int64_t{num_sms} * 2 + base_ctas - 1) / base_ctas;
   if (MmaDecode(cache)) {
     // Tensor-core kernel (up to 4096-token partitions, 4 thread blocks per
-    // SM, fp16 3): a split costs the merge kernel and the partials, which a kernel of
+    // SM): a split costs the merge kernel and the partials, which a kernel of
     // a few tens of microseconds does not earn back, so one split unless the
     // blocks would not fill half the SMs (then a power of two of splits,
     // about one block per SM; none for contexts <= 512); past one wave of
@@ -161,9 +161,7 @@ DecodePlan PlanDecode(const KvCacheView& cache, int32_t num_seqs, int32_t num_he
     // Measured on an H100 over batch 16-256 x context 512-8192 x (40/40, 10/10,
     // 32/8, 8/2 heads) (bench/results/decode_plan_2026-11-27_h100.md): e.g.
     // 16 x 512, 8 kv heads 19.6 -> 14.2 us; 64 x 4096, 10 heads 272 -> 250 us.
-    const int64_t slots = int64_t{num_sms} * (cache.layout.format.dtype == KvDtype::kFp16
-                                                   ? kMmaBlocksPerSmFp16
-                                                   : kMmaBlocksPerSm);
+    const int64_t slots = int64_t{num_sms} * kMmaBlocksPerSm;
     if (base_ctas <= slots) {
       want_splits = 1;
       if (base_ctas * 2 < num_sms && max_context_len > 512) {
