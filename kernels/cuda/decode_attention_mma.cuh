@@ -1,5 +1,5 @@
 // Tensor-core decode attention for the 8-bit and 4-bit KV formats (fp8 e4m3,
-// fp8 e5m2, int8, int4) and for fp16 at head_dim 128, with block_size >= 16.
+// fp8 e5m2, int8, int4) and for fp16 / bf16 at head_dim 128, with block_size >= 16.
 // Included by decode_attention.cuh.
 //
 // Why tensor cores: with CUDA-core FMAs a GQA group of G heads costs G FMAs
@@ -8,7 +8,8 @@
 // on mma.sync.m16n8k16 (fp16 inputs, fp32 accumulation); the cores only
 // convert the cached codes to fp16, which is exact for all four formats (int8
 // and int4 codes minus their zero point are small integers; fp8 values are a
-// subset of fp16). fp16 needs no conversion; it runs here for the one-pass
+// subset of fp16). fp16 needs no conversion (bf16 neither: its products run as
+// bf16 MMAs, with bf16 hi + lo splits, ~2^-17); they run here for the one-pass
 // tiles (no logits in shared memory, so partitions of 4096 tokens: one split
 // and one wave at 4K context) and the cp.async ring, which for its 8 KB tiles
 // holds half tiles (MmaCfg::kHalfRing) so that 4 thread blocks fit an SM. The fp32 query and the fp32 softmax weights are split into
@@ -74,6 +75,7 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
   constexpr bool kStatic = M == KvScaleMode::kStatic;
   constexpr bool kInt = KvDtypeIsInteger(D);
   constexpr int kS = Cfg::kStages;
+  constexpr bool kBf = D == KvDtype::kBf16;  // bf16 MMAs and splits (a bf16 cache)
   // Subnormal integer codes with folded zero points (see STRATA_MMA_SUBNORMAL_INT).
   constexpr bool kRaw = STRATA_MMA_SUBNORMAL_INT && kDynamic && kInt;
   constexpr float kRawScale = 16777216.0f;  // 2^24
@@ -238,8 +240,8 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
           v[2] *= 0.0625f;
           v[3] *= 0.0625f;
         }
-        SplitPair(v[0], v[1], &qh[gi][ks][0], &ql[gi][ks][0]);
-        SplitPair(v[2], v[3], &qh[gi][ks][1], &ql[gi][ks][1]);
+        SplitPairT<kBf>(v[0], v[1], &qh[gi][ks][0], &ql[gi][ks][0]);
+        SplitPairT<kBf>(v[2], v[3], &qh[gi][ks][1], &ql[gi][ks][1]);
         if (kFold && g >= 4) {
           qh[gi][ks][0] = ql[gi][ks][0];
           qh[gi][ks][1] = ql[gi][ks][1];
@@ -306,7 +308,7 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
       sub1 = SubFromBytes<D>(kzb[1], 0x4040u);
     }
     uint32_t kw0[Cfg::kKWords], kw1[Cfg::kKWords];
-    if constexpr (!Cfg::kFp16) {
+    if constexpr (!Cfg::k16Bit) {
       LdsKRow<Cfg>(sk, g, c, kw0);
       LdsKRow<Cfg>(sk, g + 8, c, kw1);
     }
@@ -314,7 +316,7 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int gi = 0; gi < Cfg::kGpl; ++gi) {
-      if constexpr (Cfg::kFp16) {  // a group (16 bytes) of each row at a time: fewer live registers
+      if constexpr (Cfg::k16Bit) {  // a group (16 bytes) of each row at a time: fewer live registers
         const int j = KGroup<Cfg>(c, gi);
         LdsWords<16>(sk + g * 256 + Cfg::KChunk(g, j) * 16, &kw0[gi * 4]);
         LdsWords<16>(sk + (g + 8) * 256 + Cfg::KChunk(g + 8, j) * 16, &kw1[gi * 4]);
@@ -330,11 +332,11 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
 #pragma unroll
       for (int ks = 0; ks < 2; ++ks) {
         if constexpr (kFold) {  // two chains (k-steps 0 and 1), half the MMA latency
-          Mma16816(ks ? d_lo : d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0],
+          MmaT<kBf>(ks ? d_lo : d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0],
                    qh[gi][ks][1]);
         } else {
-          Mma16816(d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
-          Mma16816(d_lo, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0],
+          MmaT<kBf>(d, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], qh[gi][ks][0], qh[gi][ks][1]);
+          MmaT<kBf>(d_lo, r0[ks][0], r1[ks][0], r0[ks][1], r1[ks][1], ql[gi][ks][0],
                    ql[gi][ks][1]);
         }
       }
@@ -435,8 +437,8 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
       }
     }
     uint32_t bh0, bl0, bh1, bl1;
-    SplitPair(wv.x, wv.y, &bh0, &bl0);
-    SplitPair(wv.z, wv.w, &bh1, &bl1);
+    SplitPairT<kBf>(wv.x, wv.y, &bh0, &bl0);
+    SplitPairT<kBf>(wv.z, wv.w, &bh1, &bl1);
     if (kFold && g >= 4) {  // row g of the transpose holds head g - 4 (lanes c >= 2 wrote it)
       bh0 = bl0;
       bh1 = bl1;
@@ -460,8 +462,8 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
 #pragma unroll
       for (int b = 0; b < VOp::kBlocks; ++b) {
         float(&o)[4] = acc[u * VOp::kBlocks + b];
-        Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bh0, bh1);
-        if constexpr (!kFold) Mma16816(o, a[b][0], a[b][1], a[b][2], a[b][3], bl0, bl1);
+        MmaT<kBf>(o, a[b][0], a[b][1], a[b][2], a[b][3], bh0, bh1);
+        if constexpr (!kFold) MmaT<kBf>(o, a[b][0], a[b][1], a[b][2], a[b][3], bl0, bl1);
       }
     }
   };

@@ -54,30 +54,31 @@ constexpr int kMmaWarps = kMmaThreads / 32;
 
 // The formats and head dims the tensor-core kernel runs (with block_size >=
 // 16; MaxDecodePartition in kv_cache_cuda.cu says the same on the host):
-// every 8-bit and 4-bit format, and fp16 at head_dim 128 (256-byte rows; other
-// fp16 head dims and bf16 / fp32 stay on the CUDA-core kernel).
+// every 8-bit and 4-bit format, and fp16 / bf16 at head_dim 128 (256-byte
+// rows; other 16-bit head dims and fp32 stay on the CUDA-core kernel).
 template <KvDtype D, int HD>
 constexpr bool kMmaDecode = D == KvDtype::kFp8E4M3 || D == KvDtype::kFp8E5M2 ||
                             D == KvDtype::kInt8 || D == KvDtype::kInt4 ||
-                            (D == KvDtype::kFp16 && HD == 128);
+                            ((D == KvDtype::kFp16 || D == KvDtype::kBf16) && HD == 128);
 
 // ---- configuration -----------------------------------------------------------
 
 template <KvDtype D, KvScaleMode M, int HD>
 struct MmaCfg {
   static constexpr bool kInt4 = D == KvDtype::kInt4;
-  static constexpr bool kFp16 = D == KvDtype::kFp16;
-  static_assert(!kFp16 || HD == 128, "fp16 runs on tensor cores at head_dim 128 only");
-  // K pass: 8-dim groups, per lane c (fp16: group p * 4 + c, which the
+  // 16-bit caches (fp16, bf16): their values are the MMA operands as they are.
+  static constexpr bool k16Bit = D == KvDtype::kFp16 || D == KvDtype::kBf16;
+  static_assert(!k16Bit || HD == 128, "16-bit caches run on tensor cores at head_dim 128 only");
+  // K pass: 8-dim groups, per lane c (16-bit: group p * 4 + c, which the
   // swizzle below keeps free of bank conflicts).
   static constexpr int kGroups = HD / 8;
   static constexpr int kGpl = (kGroups + 3) / 4;
-  static constexpr bool kKContig = kGroups % 4 == 0 && !kFp16;
-  static constexpr int kGroupBytes = kInt4 ? 4 : kFp16 ? 16 : 8;
+  static constexpr bool kKContig = kGroups % 4 == 0 && !k16Bit;
+  static constexpr int kGroupBytes = kInt4 ? 4 : k16Bit ? 16 : 8;
   static constexpr int kKWords = kGpl * kGroupBytes / 4;
-  // V pass: units (8-bit: quads, int4: octets, fp16: pairs: one 32-bit word
-  // each), per lane g.
-  static constexpr int kUnitDims = kInt4 ? 8 : kFp16 ? 2 : 4;
+  // V pass: units (8-bit: quads, int4: octets, 16-bit: pairs: one 32-bit
+  // word each), per lane g.
+  static constexpr int kUnitDims = kInt4 ? 8 : k16Bit ? 2 : 4;
   static constexpr int kUnits = HD / kUnitDims;
   static constexpr int kUpl = (kUnits + 7) / 8;
   static constexpr bool kVContig = kUnits % 8 == 0;
@@ -110,13 +111,13 @@ struct MmaCfg {
       STRATA_MMA_TILE_PAIRS && kDynamic && D == KvDtype::kInt4;
   static constexpr int kStages = ClampInt(1 + (8192 + kSlotBytes - 1) / kSlotBytes, kPairs ? 4 : 2,
                                           kPairs ? 10 : 8);
-  // fp16: a tile's K rows and V rows are 4 KB each, so a ring of whole-tile
+  // 16-bit: a tile's K rows and V rows are 4 KB each, so a ring of whole-tile
   // slots (2 x 8 KB per warp) would leave room for only 3 thread blocks per
   // SM. Its ring holds half tiles instead: 3 slots of 4 KB per warp, filled
   // in the order K0 V0 K1 V1 ... (half h in slot h % 3); while a tile's K
   // half is read the next K half is in flight, while its V half is read the
   // next K and V halves are (~6 KB on average), and 4 blocks fit an SM.
-  static constexpr bool kHalfRing = kFp16;
+  static constexpr bool kHalfRing = k16Bit;
   static constexpr int kRingBytes = kHalfRing ? 3 * kTileBytes : kStages * kSlotBytes;
   // 128-byte rows (head_dim 128, 8-bit): 16-byte chunk c of row r is stored at
   // c ^ Swz(r), which makes both the K-pass reads (rows g, chunks 2c, 2c+1)
@@ -127,12 +128,12 @@ struct MmaCfg {
   __device__ __forceinline__ static int Chunk(int row, int chunk) {
     return kSwizzle ? chunk ^ Swz(row) : chunk;
   }
-  // fp16 (256-byte rows: chunks c and c + 8 share banks), K and V swizzled
+  // 16-bit (256-byte rows: chunks c and c + 8 share banks), K and V swizzled
   // apart. K pass: the lanes of a quarter warp read chunk 4p + c of rows g,
   // g + 1 (g even): row bit 0 flips chunk bit 2. V pass: they read chunk g
   // (and g + 8) of rows 4c + t: row bits 2-3 flip chunk bits 1-2. Either way
   // the eight 16-byte reads of a quarter warp cover all 32 banks.
-  static constexpr bool kSwizzle256 = kFp16;
+  static constexpr bool kSwizzle256 = k16Bit;
   __device__ __forceinline__ static int KChunk(int row, int chunk) {
     if constexpr (kSwizzle256) return chunk ^ ((row & 1) << 2);
     return Chunk(row, chunk);
@@ -196,8 +197,8 @@ __device__ __forceinline__ int KGroup(int c, int p) {
 }
 template <class Cfg>
 __device__ __forceinline__ int VUnit(int g, int i) {
-  // fp16: chunks g and g + 8 of the row, 4 words (units) each.
-  if constexpr (Cfg::kFp16) return (g + 8 * (i >> 2)) * 4 + (i & 3);
+  // 16-bit: chunks g and g + 8 of the row, 4 words (units) each.
+  if constexpr (Cfg::k16Bit) return (g + 8 * (i >> 2)) * 4 + (i & 3);
   return Cfg::kVContig ? g * Cfg::kUpl + i : i * 8 + g;
 }
 
@@ -236,7 +237,7 @@ template <class Cfg>
 __device__ __forceinline__ void LdsVRow(const uint8_t* tile, int row, int g,
                                         uint32_t (&w)[Cfg::kUpl]) {
   const uint8_t* r = tile + row * Cfg::kRowBytes;
-  if constexpr (Cfg::kFp16) {  // chunks g, g + 8 (VUnit)
+  if constexpr (Cfg::k16Bit) {  // chunks g, g + 8 (VUnit)
     LdsWords<16>(r + Cfg::VChunk(row, g) * 16, &w[0]);
     LdsWords<16>(r + Cfg::VChunk(row, g + 8) * 16, &w[4]);
   } else if constexpr (Cfg::kVContig) {

@@ -1,7 +1,7 @@
 // Operand builders of the tensor-core decode kernel (decode_attention_mma.cuh):
 // cached 8-bit / 4-bit codes of K and V turned into the fp16 A operands of
 // mma.sync m16n8k16, exactly (codes minus their integer zero points, fp8
-// values; fp16 values as they are), and the per-token zero-point constants
+// values; fp16 / bf16 values as they are), and the per-token zero-point constants
 // they subtract. Internal to kernels/cuda.
 #pragma once
 
@@ -48,14 +48,15 @@ struct IntSub {
 template <KvDtype D>
 struct KOperand {
   static constexpr bool kInt4 = D == KvDtype::kInt4;
-  static constexpr int kWords = kInt4 ? 1 : D == KvDtype::kFp16 ? 4 : 2;  // words per 8-dim group
+  static constexpr bool k16Bit = D == KvDtype::kFp16 || D == KvDtype::kBf16;
+  static constexpr int kWords = kInt4 ? 1 : k16Bit ? 4 : 2;  // words per 8-dim group
   __device__ static constexpr int Dim(int ks, int slot) {
     // slot: 0,1 = positions 2c, 2c+1; 2,3 = positions 2c+8, 2c+9
     return kInt4 ? (ks * 2 + (slot >> 1) + 4 * (slot & 1)) : (ks * 4 + slot);
   }
   __device__ __forceinline__ static void Build(const uint32_t* w, const IntSub& sub,
                                                uint32_t (&out)[2][2]) {
-    if constexpr (D == KvDtype::kFp16) {  // w[2 ks + i] = dims (4 ks + 2 i, 4 ks + 2 i + 1)
+    if constexpr (k16Bit) {  // w[2 ks + i] = dims (4 ks + 2 i, 4 ks + 2 i + 1)
 #pragma unroll
       for (int ks = 0; ks < 2; ++ks) {
         out[ks][0] = w[2 * ks];
@@ -112,19 +113,20 @@ struct KOperand {
 
 // ---- V operand ---------------------------------------------------------------
 // One unit of dims (8-bit: 4 dims = 1 word, int4: 8 dims = 1 word, fp16: 2
-// dims = 1 word) of four tokens w[0..3] (= tile tokens 4c..4c+3) -> kBlocks A
+// dims = 1 word, bf16 too) of four tokens w[0..3] (= tile tokens 4c..4c+3) -> kBlocks A
 // operands of the V^T x P^T product. Block b covers dims (2b, 2b+1) of the unit:
 //   a0 = (t0, t1) of dim 2b, a1 = (t0, t1) of dim 2b+1,
 //   a2 = (t2, t3) of dim 2b, a3 = (t2, t3) of dim 2b+1.
 template <KvDtype D>
 struct VOperand {
   static constexpr bool kInt4 = D == KvDtype::kInt4;
-  static constexpr int kDims = kInt4 ? 8 : D == KvDtype::kFp16 ? 2 : 4;
+  static constexpr bool k16Bit = D == KvDtype::kFp16 || D == KvDtype::kBf16;
+  static constexpr int kDims = kInt4 ? 8 : k16Bit ? 2 : 4;
   static constexpr int kBlocks = kDims / 2;
   // sub01 / sub23: constants for tokens (t0, t1) and (t2, t3).
   __device__ __forceinline__ static void Build(const uint32_t (&w)[4], const IntSub& sub01,
                                                const IntSub& sub23, uint32_t (&a)[kBlocks][4]) {
-    if constexpr (D == KvDtype::kFp16) {  // the two tokens' low halves (dim 0), high halves (dim 1)
+    if constexpr (k16Bit) {  // the two tokens' low halves (dim 0), high halves (dim 1)
 #pragma unroll
       for (int pair = 0; pair < 2; ++pair) {
         a[0][2 * pair] = __byte_perm(w[2 * pair], w[2 * pair + 1], 0x5410u);

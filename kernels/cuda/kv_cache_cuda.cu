@@ -119,7 +119,8 @@ namespace {
 bool MmaDecode(const KvCacheView& cache) {
   const KvDtype d = cache.layout.format.dtype;
   const bool mma = d == KvDtype::kFp8E4M3 || d == KvDtype::kFp8E5M2 || d == KvDtype::kInt8 ||
-                   d == KvDtype::kInt4 || (d == KvDtype::kFp16 && cache.layout.head_dim == 128);
+                   d == KvDtype::kInt4 ||
+                   ((d == KvDtype::kFp16 || d == KvDtype::kBf16) && cache.layout.head_dim == 128);
   return mma && cache.layout.block_size >= 16;
 }
 }  // namespace

@@ -80,8 +80,8 @@ struct DecodePlan {
   int64_t workspace_bytes = 0;  // device scratch PagedDecodeAttention needs
 };
 constexpr int32_t kMaxPartition = 2048;     // the CUDA-core decode kernel
-constexpr int32_t kMaxPartitionMma = 4096;  // the tensor-core one (8-bit / 4-bit caches, fp16 at
-                                            // head_dim 128; block >= 16)
+constexpr int32_t kMaxPartitionMma = 4096;  // the tensor-core one (8-bit / 4-bit caches, fp16 and
+                                            // bf16 at head_dim 128; block >= 16)
 // The largest partition the decode kernel of `cache`'s format takes.
 int32_t MaxDecodePartition(const KvCacheView& cache);
 

@@ -4,6 +4,7 @@
 // Internal to kernels/cuda.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -15,6 +16,16 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1
                                          uint32_t a3, uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The same with bf16 inputs (the decode kernel's bf16 caches).
+__device__ __forceinline__ void Mma16816Bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -58,6 +69,35 @@ __device__ __forceinline__ void SplitPair(float x, float y, uint32_t* hi, uint32
   const float2 hf = __half22float2(h);
   *hi = H2Bits(h);
   *lo = H2Bits(__floats2half2_rn(x - hf.x, y - hf.y));
+}
+
+// (x, y) -> bf16 pairs hi and lo with hi + lo ~ (x, y) to ~2^-17 (8 + 8
+// significant bits).
+__device__ __forceinline__ void SplitPairBf16(float x, float y, uint32_t* hi, uint32_t* lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(x - hf.x, y - hf.y);
+  *hi = *reinterpret_cast<const uint32_t*>(&h);
+  *lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// The MMA and the split of a 16-bit input type: fp16, or bf16 when kBf16.
+template <bool kBf16>
+__device__ __forceinline__ void MmaT(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                     uint32_t b0, uint32_t b1) {
+  if constexpr (kBf16) {
+    Mma16816Bf16(d, a0, a1, a2, a3, b0, b1);
+  } else {
+    Mma16816(d, a0, a1, a2, a3, b0, b1);
+  }
+}
+template <bool kBf16>
+__device__ __forceinline__ void SplitPairT(float x, float y, uint32_t* hi, uint32_t* lo) {
+  if constexpr (kBf16) {
+    SplitPairBf16(x, y, hi, lo);
+  } else {
+    SplitPair(x, y, hi, lo);
+  }
 }
 
 // floor(log2(x)) of a positive normal fp32 x, as a float (exact).
