@@ -422,8 +422,8 @@ cudaError_t LaunchDecode(const DecodeLaunch& l, cudaStream_t stream) {
   const dim3 grid(l.plan.max_splits, a.cache.layout.num_kv_heads * p.groups_per_kv,
                   a.batch.num_seqs);
   if constexpr (kMmaDecode<D, HD>) {
-    // 8-bit / 4-bit formats and fp16 at head_dim 128 run on tensor cores when
-    // a 16-token tile lies in one block.
+    // 8-bit / 4-bit formats and fp16 / bf16 at head_dim 128 run on tensor
+    // cores when a 16-token tile lies in one block.
     if (bs >= 16) {
       using Smem = MmaSmem<MmaCfg<D, M, HD>, G, HD>;
       // 4 thread blocks per SM (the launch bounds) at the largest partition.

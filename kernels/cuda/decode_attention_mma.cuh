@@ -9,10 +9,11 @@
 // convert the cached codes to fp16, which is exact for all four formats (int8
 // and int4 codes minus their zero point are small integers; fp8 values are a
 // subset of fp16). fp16 needs no conversion (bf16 neither: its products run as
-// bf16 MMAs, with bf16 hi + lo splits, ~2^-17); they run here for the one-pass
-// tiles (no logits in shared memory, so partitions of 4096 tokens: one split
-// and one wave at 4K context) and the cp.async ring, which for its 8 KB tiles
-// holds half tiles (MmaCfg::kHalfRing) so that 4 thread blocks fit an SM. The fp32 query and the fp32 softmax weights are split into
+// bf16 MMAs, with bf16 hi + lo splits, ~2^-17); 16-bit caches run here for the
+// one-pass tiles (no logits in shared memory, so partitions of 4096 tokens:
+// one split and one wave at 4K context) and the cp.async ring, which for
+// their 8 KB tiles holds half tiles (MmaCfg::kHalfRing) so that 4 thread
+// blocks fit an SM. The fp32 query and the fp32 softmax weights are split into
 // fp16 hi + lo parts, so the products keep ~fp32 accuracy. With G <= 4 heads
 // per thread block (GQA 4, and no GQA) both parts share one MMA: the heads
 // fill only half of the 8 B-operand columns, so columns 4-7 carry the lo
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
     }
   };
 
-  // Half-tile ring (fp16): half h (tile h / 2; K if h is even, V if odd)
+  // Half-tile ring (16-bit caches): half h (tile h / 2; K if h is even, V if odd)
   // into slot h % 3 of kTileBytes.
   [[maybe_unused]] auto issue_half = [&](int h) {
     const int t0 = start + (warp + (h >> 1) * kMmaWarps) * 16;
@@ -316,10 +317,9 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int gi = 0; gi < Cfg::kGpl; ++gi) {
-      if constexpr (Cfg::k16Bit) {  // a group (16 bytes) of each row at a time: fewer live registers
-        const int j = KGroup<Cfg>(c, gi);
-        LdsWords<16>(sk + g * 256 + Cfg::KChunk(g, j) * 16, &kw0[gi * 4]);
-        LdsWords<16>(sk + (g + 8) * 256 + Cfg::KChunk(g + 8, j) * 16, &kw1[gi * 4]);
+      if constexpr (Cfg::k16Bit) {  // a group of each row at a time: fewer live registers
+        LdsKGroup16<Cfg>(sk, g, KGroup<Cfg>(c, gi), &kw0[gi * 4]);
+        LdsKGroup16<Cfg>(sk, g + 8, KGroup<Cfg>(c, gi), &kw1[gi * 4]);
       }
       uint32_t r0[2][2], r1[2][2];
       if constexpr (kRaw) {

@@ -9,7 +9,6 @@
 
 #include <cstdint>
 
-#include "kernels/cuda/attention_internal.h"
 #include "kernels/cuda/kv_device.cuh"
 #include "kernels/kv_cache_view.h"
 
@@ -222,14 +221,22 @@ __device__ __forceinline__ void LdsKRow(const uint8_t* tile, int row, int c,
     for (int p = 0; p < Cfg::kGpl; ++p) {
       const int j = KGroup<Cfg>(c, p);
       if (j < Cfg::kGroups) {
-        const int off = Cfg::kSwizzle256 ? Cfg::KChunk(row, j) * 16 : j * Cfg::kGroupBytes;
-        LdsWords<Cfg::kGroupBytes>(r + off, &w[p * kw]);
+        LdsWords<Cfg::kGroupBytes>(r + j * Cfg::kGroupBytes, &w[p * kw]);
       } else {
 #pragma unroll
         for (int k = 0; k < kw; ++k) w[p * kw + k] = 0;
       }
     }
   }
+}
+
+// 16-bit caches: the four words of K group j (16 bytes) of row `row` of a
+// staged tile (read a group at a time, LdsKRow's whole row would hold 16
+// registers per row).
+template <class Cfg>
+__device__ __forceinline__ void LdsKGroup16(const uint8_t* tile, int row, int j, uint32_t* w) {
+  static_assert(Cfg::k16Bit);
+  LdsWords<16>(tile + row * Cfg::kRowBytes + Cfg::KChunk(row, j) * 16, w);
 }
 
 // The V-pass words (one per unit) of row `row` of a staged tile for lane g.
