@@ -99,8 +99,9 @@ PY
 
 sbench() {  # the serving benchmark: one server per KV format, each workload
   # SBENCH_MODEL (llama-2-7b), SBENCH_TP (1), SBENCH_KV ("fp16 int8"; dtype or
-  # dtype:scale_mode; dtype:static takes static_params' file), SBENCH_WORKLOADS ("sharegpt:400"; workload:num_prompts),
-  # SBENCH_ARGS (extra client flags), SBENCH_SERVE_ARGS (extra serve flags).
+  # dtype:scale_mode; dtype:static serves with static_params' file),
+  # SBENCH_WORKLOADS ("sharegpt:400"; workload:num_prompts), SBENCH_ARGS
+  # (extra client flags), SBENCH_SERVE_ARGS (extra serve flags).
   local out=$1 work=$2
   local model=${SBENCH_MODEL:-llama-2-7b} tp=${SBENCH_TP:-1}
   local kvs=${SBENCH_KV:-fp16 int8}

@@ -1,8 +1,8 @@
 // Operand builders of the tensor-core decode kernel (decode_attention_mma.cuh):
 // cached 8-bit / 4-bit codes of K and V turned into the fp16 A operands of
 // mma.sync m16n8k16, exactly (codes minus their integer zero points, fp8
-// values; fp16 / bf16 values as they are), and the per-token zero-point constants
-// they subtract. Internal to kernels/cuda.
+// values; fp16 / bf16 values as they are), and the per-token zero-point
+// constants they subtract. Internal to kernels/cuda.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -112,9 +112,10 @@ struct KOperand {
 };
 
 // ---- V operand ---------------------------------------------------------------
-// One unit of dims (8-bit: 4 dims = 1 word, int4: 8 dims = 1 word, fp16: 2
-// dims = 1 word, bf16 too) of four tokens w[0..3] (= tile tokens 4c..4c+3) -> kBlocks A
-// operands of the V^T x P^T product. Block b covers dims (2b, 2b+1) of the unit:
+// One unit of dims (8-bit: 4 dims = 1 word, int4: 8 dims = 1 word, fp16 /
+// bf16: 2 dims = 1 word) of four tokens w[0..3] (= tile tokens 4c..4c+3) ->
+// kBlocks A operands of the V^T x P^T product. Block b covers dims (2b, 2b+1)
+// of the unit:
 //   a0 = (t0, t1) of dim 2b, a1 = (t0, t1) of dim 2b+1,
 //   a2 = (t2, t3) of dim 2b, a3 = (t2, t3) of dim 2b+1.
 template <KvDtype D>
