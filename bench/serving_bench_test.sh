@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test of strata-serving-bench (registered with CTest by bench/serving_bench.cmake):
 # starts `strata serve --device cpu` on stories15M with a metrics port, runs a fixed workload
-# (16 prompts, 32 in / 8 out, concurrency 4) and a short clipped ShareGPT-like Poisson run,
+# (16 prompts, 32 in / 48 out, concurrency 4) and a short clipped ShareGPT-like Poisson run,
 # checks the result JSON, renders both with tools/bench_report.py, and checks that bad flags
 # are refused with exit code 2 and a message naming the flag.
 #
@@ -77,7 +77,9 @@ done
 echo "server ready on $ADDR, metrics on port $METRICS_PORT"
 
 # --- fixed workload at concurrency 4 -----------------------------------------------------------
-"$BENCH" --server "$ADDR" --workload fixed --input-len 32 --output-len 8 --num-prompts 16 \
+# 48 output tokens make the run last ~1 s on the CPU, many metric polls long: with 8 (a
+# 0.2 s run) a loaded 2-core machine once polled only before and after the requests ran.
+"$BENCH" --server "$ADDR" --workload fixed --input-len 32 --output-len 48 --num-prompts 16 \
   --concurrency 4 --seed 7 --metrics-url "http://127.0.0.1:$METRICS_PORT/metrics" \
   --metrics-interval 0.05 --label cpu-fixed --output "$TMP/fixed.json" | tee "$TMP/fixed.txt" ||
   fail "fixed run exited $?"
@@ -93,10 +95,10 @@ def check(cond, what):
 check(res["completed"] == 16 and res["failed"] == 0, f"completed/failed {res['completed']}/{res['failed']}")
 check(res["failures"] == {}, f"failures {res['failures']}")
 check(len(res["requests"]) == 16, "16 per-request records")
-check(all(q["output_tokens"] == 8 and q["input_len"] == 32 and q["status"] == "OK"
-          for q in res["requests"]), "every request: 32 in, 8 out, OK")
+check(all(q["output_tokens"] == 48 and q["input_len"] == 32 and q["status"] == "OK"
+          for q in res["requests"]), "every request: 32 in, 48 out, OK")
 check(res["output_length_mismatches"] == 0, "usage.completion_tokens matches the stream")
-check(res["total_output_tokens"] == 128 and res["total_input_tokens"] == 512, "token totals")
+check(res["total_output_tokens"] == 768 and res["total_input_tokens"] == 512, "token totals")
 for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
     s = res[key]
     check(all(isinstance(s[p], (int, float)) and s[p] >= 0 for p in ("mean", "p50", "p90", "p99")),
@@ -107,14 +109,14 @@ check(res["e2e_ms"]["p50"] >= res["ttft_ms"]["p50"], "e2e >= ttft")
 check(res["request_throughput"] > 0 and res["output_throughput"] > 0
       and res["total_token_throughput"] > res["output_throughput"], "throughputs")
 check(b["workload"] == "fixed" and b["concurrency"] == 4 and b["request_rate"] == "inf", "benchmark block")
-check(b["clipped_requests"] == 0, "no clipping at 40 tokens")
+check(b["clipped_requests"] == 0, "no clipping at 80 tokens")
 check(info["kv_cache_dtype"] and info["tp_size"] == 1 and info["gpu_blocks"]["total"] > 0, f"model_info {info}")
 check(0 < mon["peak_kv_usage_gpu"] <= 1, f"peak KV usage {mon['peak_kv_usage_gpu']}")
 check(1 <= mon["peak_num_running"] <= 4, f"peak running {mon['peak_num_running']} with concurrency 4")
 check(mon["preemptions"] == 0, f"preemptions {mon['preemptions']}")
 check(mon["scrape_errors"] == 0 and mon["scrapes"] >= 1, f"scrapes {mon['scrapes']}/{mon['scrape_errors']}")
 deltas = mon["counter_deltas"]
-check(deltas.get("strata_generation_tokens_total") == 128, f"server counted 128 generated tokens: {deltas}")
+check(deltas.get("strata_generation_tokens_total") == 768, f"server counted 768 generated tokens: {deltas}")
 check(deltas.get('strata_requests_total{outcome="length"}') == 16, f"16 finished by length: {deltas}")
 check(r["command"][0].endswith("strata-serving-bench") and r["date"].endswith("Z"), "command and date")
 print("fixed run: OK")
