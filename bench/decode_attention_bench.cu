@@ -16,7 +16,7 @@
 //   --quick   fewer iterations (smoke test)
 //   --prefill also time prefill attention: a 2048-token chunk at the end of
 //             4096- and 16384-token contexts (tensor-core kernel for fp16 /
-//             fp8 / int8 / int4; bf16 runs the CUDA-core kernel)
+//             bf16 / fp8 / int8 / int4)
 //   --prefill-only  only that
 //   --sweep   also time every partition size the format's kernel takes (256..8192;
 //             at 32768 from 1024)

@@ -100,6 +100,14 @@ __device__ __forceinline__ void SplitPairT(float x, float y, uint32_t* hi, uint3
   }
 }
 
+// MmaHiLo with the input type chosen: fp16, or bf16 when kBf16.
+template <bool kBf16>
+__device__ __forceinline__ void MmaHiLoT(float (&d)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4],
+                                         uint32_t b0, uint32_t b1) {
+  MmaT<kBf16>(d, ah[0], ah[1], ah[2], ah[3], b0, b1);
+  MmaT<kBf16>(d, al[0], al[1], al[2], al[3], b0, b1);
+}
+
 // floor(log2(x)) of a positive normal fp32 x, as a float (exact).
 __device__ __forceinline__ float FloorLog2(float x) {
   return static_cast<float>(static_cast<int>((__float_as_uint(x) >> 23) & 0xFFu) - 127);

@@ -1,8 +1,9 @@
 // Prefill / chunked-prefill attention over the paged, quantized cache.
 // Included only by the prefill_attention_*.cu instance files.
 //
-// fp32 and bf16 caches: a simple tiled flash-attention on CUDA cores (the
-// other formats use the tensor-core kernel of prefill_attention_mma.cuh). One thread
+// fp32 caches (and head dims not a multiple of 16): a simple tiled
+// flash-attention on CUDA cores (the other formats use the tensor-core kernel
+// of prefill_attention_mma.cuh). One thread
 // block = (tile of query rows, kv head, sequence); its 64 query rows are
 // (token, head) pairs of up to 64 / Gs tokens and Gs query heads of one kv head.
 // For each tile of 32 cached positions, K and V are dequantized into shared
@@ -325,7 +326,7 @@ cudaError_t PrefillOp::Run(const AttentionArgs& a, int32_t max_new_tokens, cudaS
     cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), kBytes, &attrs);
     if (err != cudaSuccess) return err;
     kernel<<<grid, detail::kPfThreads, kBytes, stream>>>(p);
-  } else {  // fp32 and bf16 caches: CUDA cores
+  } else {  // fp32 caches (and head dims not a multiple of 16): CUDA cores
     auto kernel = detail::PrefillKernel<D, M, HD>;
     cudaError_t err = EnsureDynamicSmem(reinterpret_cast<const void*>(kernel), S::kBytes, &attrs);
     if (err != cudaSuccess) return err;

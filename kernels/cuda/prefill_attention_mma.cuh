@@ -1,5 +1,5 @@
-// Tensor-core prefill attention for the fp16, fp8 (e4m3, e5m2), int8 and int4
-// caches. Included by prefill_attention.cuh, after PrefillParams.
+// Tensor-core prefill attention for the fp16, bf16, fp8 (e4m3, e5m2), int8 and
+// int4 caches. Included by prefill_attention.cuh, after PrefillParams.
 //
 // Same work split as the CUDA-core kernel: one thread block = (64 query rows
 // of one kv head, i.e. up to 64 / Gs tokens x Gs heads; kv head; sequence),
@@ -14,7 +14,9 @@
 //       logit  = s_k * (q . code_k - z_k * sum(q))
 //       output = (sum_t w_t code_v,t - sum_t w_t z_v,t) / l,  w_t = p_t * s_v,t
 //   - The fp32 query and the fp32 weights w are split into fp16 hi + lo
-//     halves (two MMAs each). The weights are first multiplied by a per-row
+//     halves (two MMAs each). A bf16 cache runs bf16 MMAs instead: its
+//     values as they are, the query and the weights split into bf16 hi + lo
+//     (~2^-17 relative). The weights are first multiplied by a per-row
 //     power of two that puts the largest weight seen near 2^14 (it only
 //     decreases, by exact powers of two applied to the accumulators too), so
 //     neither half overflows or loses bits to fp16 subnormals.
@@ -32,9 +34,9 @@
 namespace strata::cuda::detail {
 
 template <KvDtype D>
-constexpr bool kPrefillMma = D == KvDtype::kFp16 || D == KvDtype::kFp8E4M3 ||
-                             D == KvDtype::kFp8E5M2 || D == KvDtype::kInt8 ||
-                             D == KvDtype::kInt4;
+constexpr bool kPrefillMma = D == KvDtype::kFp16 || D == KvDtype::kBf16 ||
+                             D == KvDtype::kFp8E4M3 || D == KvDtype::kFp8E5M2 ||
+                             D == KvDtype::kInt8 || D == KvDtype::kInt4;
 
 constexpr int kPmKt = 32;  // cached positions per tile
 
@@ -123,6 +125,7 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
   // points are arbitrary floats and are folded.
   constexpr bool kZeroInCodes = kInt && M == KvScaleMode::kDynamic;
   constexpr bool kFold = kInt && !kZeroInCodes;
+  constexpr bool kBf = D == KvDtype::kBf16;  // bf16 MMAs, query and weights split in bf16
   extern __shared__ __align__(16) uint8_t psm[];
   __half* qhi = reinterpret_cast<__half*>(psm + S::kQHi);
   __half* qlo = reinterpret_cast<__half*>(psm + S::kQLo);
@@ -149,7 +152,7 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
   const int kv_end = min(ctx, pos_first + nt);
   const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
 
-  // Query rows, pre-scaled, as fp16 hi + lo; invalid rows are zero.
+  // Query rows, pre-scaled, as fp16 (bf16 caches: bf16) hi + lo; invalid rows are zero.
   for (int idx = tid; idx < kPfRows * HD; idx += kPfThreads) {
     const int r = idx / HD, d = idx % HD;
     const int i = r / gs, g = r % gs;
@@ -158,9 +161,16 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
       v = p.query[(static_cast<int64_t>(q0 + i0 + i) * p.num_heads + head0 + g) * HD + d] *
           p.q_scale;
     }
-    const __half h = __float2half_rn(v);
-    qhi[r * kQs + d] = h;
-    qlo[r * kQs + d] = __float2half_rn(v - __half2float(h));
+    if constexpr (kBf) {
+      const __nv_bfloat16 h = __float2bfloat16_rn(v);
+      const __nv_bfloat16 l = __float2bfloat16_rn(v - __bfloat162float(h));
+      reinterpret_cast<__nv_bfloat16*>(qhi)[r * kQs + d] = h;
+      reinterpret_cast<__nv_bfloat16*>(qlo)[r * kQs + d] = l;
+    } else {
+      const __half h = __float2half_rn(v);
+      qhi[r * kQs + d] = h;
+      qlo[r * kQs + d] = __float2half_rn(v - __half2float(h));
+    }
   }
   __syncthreads();
   if constexpr (kFold) {  // sum(q) of each row, as the MMAs see q (hi + lo)
@@ -239,19 +249,19 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
       vscale.Read(blk, lay.v_scale, lay.v_zero, ridx, &rsv, &rzv);
     }
   };
-  // Writes the loaded words of the tile as fp16 into shared memory (zeros
-  // past the context: stale bytes could be NaN or Inf).
+  // Writes the loaded words of the tile as fp16 (bf16 caches: bf16) into
+  // shared memory (zeros past the context: stale bytes could be NaN or Inf).
   auto store_raw = [&]() {
     const int tt = lane;
 #pragma unroll
     for (int i = 0; i < kCpt; ++i) {
       const int ch = warp + 4 * i;
       if (ch >= kNc) continue;
-      // fp16 words are the values already; the other formats through
+      // fp16 / bf16 words are the values already; the other formats through
       // ChunkToHalves. Zeros past the context.
       uint32_t kh[4] = {0u, 0u, 0u, 0u}, vh[4] = {0u, 0u, 0u, 0u};
       if (rvalid) {
-        if constexpr (D == KvDtype::kFp16) {
+        if constexpr (D == KvDtype::kFp16 || D == KvDtype::kBf16) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) kh[e] = rk[i][e], vh[e] = rv[i][e];
         } else {
@@ -296,7 +306,7 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
         uint32_t kb[4];
         Ldsm4(kc + lk_off + jp * 16 * kQs + kk * 16, kb);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) MmaHiLo(sc[2 * jp + h], qh, ql, kb[2 * h], kb[2 * h + 1]);
+        for (int h = 0; h < 2; ++h) MmaHiLoT<kBf>(sc[2 * jp + h], qh, ql, kb[2 * h], kb[2 * h + 1]);
       }
     }
     // Scale, zero-point fold, causal mask; the tile's row maxima.
@@ -387,16 +397,16 @@ __global__ void __launch_bounds__(kPfThreads, kPrefillMinBlocks<D>)
 #pragma unroll
     for (int kp = 0; kp < 2; ++kp) {
       uint32_t ah[4], al[4];
-      SplitPair(sc[2 * kp][0] * ws0, sc[2 * kp][1] * ws0, &ah[0], &al[0]);
-      SplitPair(sc[2 * kp][2] * ws1, sc[2 * kp][3] * ws1, &ah[1], &al[1]);
-      SplitPair(sc[2 * kp + 1][0] * ws0, sc[2 * kp + 1][1] * ws0, &ah[2], &al[2]);
-      SplitPair(sc[2 * kp + 1][2] * ws1, sc[2 * kp + 1][3] * ws1, &ah[3], &al[3]);
+      SplitPairT<kBf>(sc[2 * kp][0] * ws0, sc[2 * kp][1] * ws0, &ah[0], &al[0]);
+      SplitPairT<kBf>(sc[2 * kp][2] * ws1, sc[2 * kp][3] * ws1, &ah[1], &al[1]);
+      SplitPairT<kBf>(sc[2 * kp + 1][0] * ws0, sc[2 * kp + 1][1] * ws0, &ah[2], &al[2]);
+      SplitPairT<kBf>(sc[2 * kp + 1][2] * ws1, sc[2 * kp + 1][3] * ws1, &ah[3], &al[3]);
 #pragma unroll
       for (int dp = 0; dp < kDn / 2; ++dp) {  // B fragments of dim tiles 2 dp, 2 dp + 1
         uint32_t vb[4];
         Ldsm4T(vt + lv_off + kp * 16 * kQs + dp * 16, vb);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) MmaHiLo(o[2 * dp + h], ah, al, vb[2 * h], vb[2 * h + 1]);
+        for (int h = 0; h < 2; ++h) MmaHiLoT<kBf>(o[2 * dp + h], ah, al, vb[2 * h], vb[2 * h + 1]);
       }
     }
   }
