@@ -356,6 +356,38 @@ TEST(KernelDispatch, SupportedMatrixAndErrors) {
   EXPECT_LE(plan.partition_size, MaxDecodePartition(v));
 }
 
+// Which caches decode on the tensor-core kernel (4096-token partitions): the
+// 8-bit and 4-bit formats, and fp16 / bf16 at head_dim 128, each with blocks
+// of >= 16 tokens; fp32, other 16-bit head dims and smaller blocks take the
+// CUDA-core kernel (2048). Host only (no GPU needed).
+TEST(KernelDispatch, TensorCoreDecodeFormats) {
+  struct Case {
+    KvFormat f;
+    int hd, bs;
+    bool mma;
+  };
+  const KvFormat fp16{KvDtype::kFp16, KvScaleMode::kNone}, bf16{KvDtype::kBf16, KvScaleMode::kNone};
+  const KvFormat fp32{KvDtype::kFp32, KvScaleMode::kNone}, int8{KvDtype::kInt8, KvScaleMode::kDynamic};
+  const KvFormat int4{KvDtype::kInt4, KvScaleMode::kDynamic}, e5m2{KvDtype::kFp8E5M2, KvScaleMode::kNone};
+  for (const Case& k : {Case{fp16, 128, 16, true}, Case{fp16, 128, 32, true}, Case{bf16, 128, 16, true},
+                        Case{fp16, 64, 16, false}, Case{bf16, 48, 16, false}, Case{fp16, 128, 8, false},
+                        Case{fp32, 128, 16, false}, Case{int8, 64, 16, true}, Case{int4, 48, 32, true},
+                        Case{e5m2, 128, 16, true}, Case{int8, 128, 8, false}}) {
+    KvCacheView v;
+    v.layout = MakeKvBlockLayout(k.f, k.bs, 8, k.hd);
+    EXPECT_EQ(MaxDecodePartition(v), k.mma ? kMaxPartitionMma : kMaxPartition)
+        << FormatName(k.f) << " head_dim " << k.hd << " block " << k.bs;
+  }
+  // 64 sequences x 8 kv heads (GQA 4) at 4K on 132 SMs: fp16 takes one split
+  // (512 thread blocks, one wave of 4 per SM), no merge.
+  KvCacheView v;
+  v.layout = MakeKvBlockLayout(fp16, 16, 8, 128);
+  const DecodePlan plan = PlanDecode(v, 64, 32, 4096, 132);
+  EXPECT_EQ(plan.partition_size, 4096);
+  EXPECT_EQ(plan.max_splits, 1);
+  EXPECT_EQ(plan.workspace_bytes, 0);
+}
+
 using Param = std::tuple<KvFormat, int, int, int>;  // format, head_dim, block size, GQA ratio
 std::string ParamName(const ::testing::TestParamInfo<Param>& info) {
   return FormatName(std::get<0>(info.param)) + "_hd" + std::to_string(std::get<1>(info.param)) +
