@@ -1,7 +1,7 @@
 // Tensor-core primitives shared by the decode and prefill attention kernels:
-// mma.sync m16n8k16 (fp16 inputs, fp32 accumulation) and the fp16 hi + lo
-// split that keeps fp32 operands at ~2^-22 relative accuracy through two MMAs.
-// Internal to kernels/cuda.
+// mma.sync m16n8k16 (fp16 or bf16 inputs, fp32 accumulation) and the hi + lo
+// split that keeps fp32 operands at ~2^-22 (fp16) / ~2^-17 (bf16) relative
+// accuracy through two MMAs. Internal to kernels/cuda.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,7 +21,7 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// The same with bf16 inputs (the decode kernel's bf16 caches).
+// The same with bf16 inputs (bf16 caches).
 __device__ __forceinline__ void Mma16816Bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                              uint32_t a3, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -29,14 +29,6 @@ __device__ __forceinline__ void Mma16816Bf16(float (&d)[4], uint32_t a0, uint32_
       "{%8,%9}, {%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// d += (ah + al) b: an fp32-accurate A operand as its fp16 hi and lo halves
-// (SplitPair), two MMAs sharing the B fragments.
-__device__ __forceinline__ void MmaHiLo(float (&d)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4],
-                                        uint32_t b0, uint32_t b1) {
-  Mma16816(d, ah[0], ah[1], ah[2], ah[3], b0, b1);
-  Mma16816(d, al[0], al[1], al[2], al[3], b0, b1);
 }
 
 // ldmatrix.x4: four 8x8 matrices of 16-bit values from shared memory. Lane l
@@ -100,7 +92,8 @@ __device__ __forceinline__ void SplitPairT(float x, float y, uint32_t* hi, uint3
   }
 }
 
-// MmaHiLo with the input type chosen: fp16, or bf16 when kBf16.
+// d += (ah + al) b: an fp32-accurate A operand as its hi and lo halves
+// (SplitPairT), two MMAs sharing the B fragments; fp16, or bf16 when kBf16.
 template <bool kBf16>
 __device__ __forceinline__ void MmaHiLoT(float (&d)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4],
                                          uint32_t b0, uint32_t b1) {

@@ -3,8 +3,8 @@
 //
 // fp32 caches (and head dims not a multiple of 16): a simple tiled
 // flash-attention on CUDA cores (the other formats use the tensor-core kernel
-// of prefill_attention_mma.cuh). One thread
-// block = (tile of query rows, kv head, sequence); its 64 query rows are
+// of prefill_attention_mma.cuh). One thread block = (tile of query rows, kv
+// head, sequence); its 64 query rows are
 // (token, head) pairs of up to 64 / Gs tokens and Gs query heads of one kv head.
 // For each tile of 32 cached positions, K and V are dequantized into shared
 // memory (exactly qmath::KvCodec::Decode's values), scores are computed with a
