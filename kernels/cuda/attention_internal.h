@@ -20,6 +20,16 @@ inline int HeadTile(int group) {
   return 1;
 }
 
+// The formats and head dims the tensor-core decode kernel runs (with
+// block_size >= 16): every 8-bit and 4-bit format, and fp16 / bf16 at
+// head_dim 128 (256-byte rows; other 16-bit head dims and fp32 stay on the
+// CUDA-core kernel). LaunchDecode dispatches on it; MaxDecodePartition and
+// PlanDecode read it through Dispatch.
+template <KvDtype D, int HD>
+constexpr bool kMmaDecode = D == KvDtype::kFp8E4M3 || D == KvDtype::kFp8E5M2 ||
+                            D == KvDtype::kInt8 || D == KvDtype::kInt4 ||
+                            ((D == KvDtype::kFp16 || D == KvDtype::kBf16) && HD == 128);
+
 // Thread blocks per SM of the tensor-core decode kernel (its launch bounds;
 // PlanDecode sizes its waves by it).
 constexpr int kMmaBlocksPerSm = 4;

@@ -149,45 +149,45 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
              : lane == 4 ? lay.k_zero : lay.v_zero;
     meta_shift = lane < 4 ? 1 : 0;
   }
-  auto issue = [&](int i, int slot) {
+  // The cache block and the block row (its K / V sections) of item i's first token.
+  struct TileAt {
+    const uint8_t* blk;
+    uint32_t idx;
+  };
+  auto tile_at = [&](int i) {
     const int t0 = start + (warp + i * kMmaWarps) * 16;
     const int32_t b = sblk[(t0 >> p.log2_bs) - first_blk];
-    const uint8_t* blk = pool + static_cast<int64_t>(b) * block_bytes;
-    const uint32_t idx = head_row + (t0 & bs_mask);
-    const uint8_t* ksrc = blk + (lay.k_data + idx * Cfg::kRowBytes + lane * 16);
+    return TileAt{pool + static_cast<int64_t>(b) * block_bytes, head_row + (t0 & bs_mask)};
+  };
+  auto issue = [&](int i, int slot) {
+    const TileAt t = tile_at(i);
+    const uint8_t* ksrc = t.blk + (lay.k_data + t.idx * Cfg::kRowBytes + lane * 16);
     const uint8_t* vsrc = ksrc + v_minus_k;
     const uint32_t dst = ring_s + slot * Cfg::kSlotBytes;
 #pragma unroll
     for (int k = 0; k < (Cfg::kTileChunks + 31) / 32; ++k) {
       if (Cfg::kTileChunks % 32 == 0 || lane + 32 * k < Cfg::kTileChunks) {
-        uint32_t koff = (lane + 32 * k) * 16, voff = koff;
+        uint32_t off = (lane + 32 * k) * 16;
         if constexpr (Cfg::kSwizzle) {  // 8 chunks per row
           const int row = (lane >> 3) + 4 * k;
-          koff = voff = row * 128 + Cfg::Chunk(row, lane & 7) * 16;
-        } else if constexpr (Cfg::kSwizzle256) {  // 16 chunks per row
-          const int row = (lane >> 4) + 2 * k;
-          koff = row * 256 + Cfg::KChunk(row, lane & 15) * 16;
-          voff = row * 256 + Cfg::VChunk(row, lane & 15) * 16;
+          off = row * 128 + Cfg::Chunk(row, lane & 7) * 16;
         }
-        CpAsync16(dst + koff, ksrc + 512 * k);
-        CpAsync16(dst + Cfg::kTileBytes + voff, vsrc + 512 * k);
+        CpAsync16(dst + off, ksrc + 512 * k);
+        CpAsync16(dst + Cfg::kTileBytes + off, vsrc + 512 * k);
       }
     }
     if constexpr (kDynamic) {
       if (lane < Cfg::kMetaBytes / 16) {
-        CpAsync16(dst + 2 * Cfg::kTileBytes + lane * 16, blk + (meta_off + (idx << meta_shift)));
+        CpAsync16(dst + 2 * Cfg::kTileBytes + lane * 16, t.blk + (meta_off + (t.idx << meta_shift)));
       }
     }
   };
 
-  // Half-tile ring (16-bit caches): half h (tile h / 2; K if h is even, V if odd)
-  // into slot h % 3 of kTileBytes.
+  // Half-tile ring (16-bit caches): half h (tile h / 2; K if h is even, V if
+  // odd) into slot h % 3 of kTileBytes, 16 chunks per row, K and V swizzled apart.
   [[maybe_unused]] auto issue_half = [&](int h) {
-    const int t0 = start + (warp + (h >> 1) * kMmaWarps) * 16;
-    const int32_t b = sblk[(t0 >> p.log2_bs) - first_blk];
-    const uint8_t* blk = pool + static_cast<int64_t>(b) * block_bytes;
-    const uint32_t idx = head_row + (t0 & bs_mask);
-    const uint8_t* src = blk + ((h & 1 ? lay.v_data : lay.k_data) + idx * Cfg::kRowBytes + lane * 16);
+    const TileAt t = tile_at(h >> 1);
+    const uint8_t* src = t.blk + ((h & 1 ? lay.v_data : lay.k_data) + t.idx * Cfg::kRowBytes + lane * 16);
     const uint32_t dst = ring_s + (h % 3) * Cfg::kTileBytes;
 #pragma unroll
     for (int k = 0; k < Cfg::kTileChunks / 32; ++k) {
@@ -317,9 +317,10 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) DecodeMmaKernel(
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int gi = 0; gi < Cfg::kGpl; ++gi) {
-      if constexpr (Cfg::k16Bit) {  // a group of each row at a time: fewer live registers
-        LdsKGroup16<Cfg>(sk, g, KGroup<Cfg>(c, gi), &kw0[gi * 4]);
-        LdsKGroup16<Cfg>(sk, g + 8, KGroup<Cfg>(c, gi), &kw1[gi * 4]);
+      if constexpr (Cfg::k16Bit) {  // a group (16 bytes) of each row at a time: fewer live registers
+        const int j = KGroup<Cfg>(c, gi);
+        LdsWords<16>(sk + g * 256 + Cfg::KChunk(g, j) * 16, &kw0[gi * 4]);
+        LdsWords<16>(sk + (g + 8) * 256 + Cfg::KChunk(g + 8, j) * 16, &kw1[gi * 4]);
       }
       uint32_t r0[2][2], r1[2][2];
       if constexpr (kRaw) {

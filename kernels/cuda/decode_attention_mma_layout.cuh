@@ -51,15 +51,6 @@ namespace strata::cuda::detail {
 constexpr int kMmaThreads = 128;
 constexpr int kMmaWarps = kMmaThreads / 32;
 
-// The formats and head dims the tensor-core kernel runs (with block_size >=
-// 16; MaxDecodePartition in kv_cache_cuda.cu says the same on the host):
-// every 8-bit and 4-bit format, and fp16 / bf16 at head_dim 128 (256-byte
-// rows; other 16-bit head dims and fp32 stay on the CUDA-core kernel).
-template <KvDtype D, int HD>
-constexpr bool kMmaDecode = D == KvDtype::kFp8E4M3 || D == KvDtype::kFp8E5M2 ||
-                            D == KvDtype::kInt8 || D == KvDtype::kInt4 ||
-                            ((D == KvDtype::kFp16 || D == KvDtype::kBf16) && HD == 128);
-
 // ---- configuration -----------------------------------------------------------
 
 template <KvDtype D, KvScaleMode M, int HD>
@@ -132,14 +123,10 @@ struct MmaCfg {
   // g + 1 (g even): row bit 0 flips chunk bit 2. V pass: they read chunk g
   // (and g + 8) of rows 4c + t: row bits 2-3 flip chunk bits 1-2. Either way
   // the eight 16-byte reads of a quarter warp cover all 32 banks.
-  static constexpr bool kSwizzle256 = k16Bit;
-  __device__ __forceinline__ static int KChunk(int row, int chunk) {
-    if constexpr (kSwizzle256) return chunk ^ ((row & 1) << 2);
-    return Chunk(row, chunk);
-  }
+  // (16-bit caches only.)
+  __device__ __forceinline__ static int KChunk(int row, int chunk) { return chunk ^ ((row & 1) << 2); }
   __device__ __forceinline__ static int VChunk(int row, int chunk) {
-    if constexpr (kSwizzle256) return chunk ^ (((row >> 2) & 3) << 1);
-    return Chunk(row, chunk);
+    return chunk ^ (((row >> 2) & 3) << 1);
   }
 };
 static_assert(MmaCfg<KvDtype::kInt4, KvScaleMode::kDynamic, 48>::kTileBytes % 16 == 0);
@@ -228,15 +215,6 @@ __device__ __forceinline__ void LdsKRow(const uint8_t* tile, int row, int c,
       }
     }
   }
-}
-
-// 16-bit caches: the four words of K group j (16 bytes) of row `row` of a
-// staged tile (read a group at a time, LdsKRow's whole row would hold 16
-// registers per row).
-template <class Cfg>
-__device__ __forceinline__ void LdsKGroup16(const uint8_t* tile, int row, int j, uint32_t* w) {
-  static_assert(Cfg::k16Bit);
-  LdsWords<16>(tile + row * Cfg::kRowBytes + Cfg::KChunk(row, j) * 16, w);
 }
 
 // The V-pass words (one per unit) of row `row` of a staged tile for lane g.

@@ -114,14 +114,19 @@ struct SupportedOp {
 cudaError_t KernelSupported(const KernelDesc& desc) { return Dispatch<SupportedOp>(desc); }
 
 namespace {
-// Whether decode runs on the tensor-core kernel (kMmaDecode in
-// decode_attention_mma_layout.cuh, and a 16-token tile inside one block).
+struct MmaDecodeOp {
+  template <KvDtype D, KvScaleMode M, int HD>
+  static cudaError_t Run() {
+    return kMmaDecode<D, HD> ? cudaSuccess : cudaErrorNotSupported;
+  }
+};
+
+// Whether decode runs on the tensor-core kernel: the format and head dim
+// LaunchDecode sends there (kMmaDecode), and a 16-token tile inside one block.
 bool MmaDecode(const KvCacheView& cache) {
-  const KvDtype d = cache.layout.format.dtype;
-  const bool mma = d == KvDtype::kFp8E4M3 || d == KvDtype::kFp8E5M2 || d == KvDtype::kInt8 ||
-                   d == KvDtype::kInt4 ||
-                   ((d == KvDtype::kFp16 || d == KvDtype::kBf16) && cache.layout.head_dim == 128);
-  return mma && cache.layout.block_size >= 16;
+  const KernelDesc desc{cache.layout.format.dtype, cache.layout.format.scale_mode,
+                        cache.layout.head_dim};
+  return cache.layout.block_size >= 16 && Dispatch<MmaDecodeOp>(desc) == cudaSuccess;
 }
 }  // namespace
 
